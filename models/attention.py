@@ -1,0 +1,56 @@
+"""Multi-head attention over already-projected queries, keys and values (conditional DETR style)."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention_allowed_mask(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor]):
+    """Combine ``attn_mask [L, S]`` and ``key_padding_mask [B, S]`` (True = blocked) into the boolean
+    "may attend" mask that ``F.scaled_dot_product_attention`` expects, broadcastable to ``[B, h, L, S]``."""
+    blocked = None
+    if attn_mask is not None:
+        blocked = attn_mask[None, None]  # [1, 1, L, S]
+    if key_padding_mask is not None:
+        padding = key_padding_mask[:, None, None, :]  # [B, 1, 1, S]
+        blocked = padding if blocked is None else blocked | padding
+    return None if blocked is None else ~blocked
+
+
+class MultiheadAttentionNoInProj(nn.Module):
+    """Scaled dot-product attention with an output projection but no input projections.
+
+    Query/key width ``E`` may differ from the value width ``embed_dim`` (the conditional cross-attention
+    concatenates content and positional halves per head: ``E = 2 * embed_dim``). Queries are scaled by
+    ``(E / num_heads) ** -0.5``. Only ``out_proj`` holds weights.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``query [L, B, E]``, ``key [S, B, E]``, ``value [S, B, Ev]`` -> ``[L, B, Ev]``."""
+        num_queries, batch, qk_dim = query.shape
+        num_keys = key.shape[0]
+        head_dim = qk_dim // self.num_heads
+        # [L, B, E] -> [B, h, L, E / h]
+        q = query.reshape(num_queries, batch, self.num_heads, head_dim).permute(1, 2, 0, 3)
+        k = key.reshape(num_keys, batch, self.num_heads, head_dim).permute(1, 2, 0, 3)
+        v = value.reshape(num_keys, batch, self.num_heads, -1).permute(1, 2, 0, 3)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attention_allowed_mask(attn_mask, key_padding_mask),
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=head_dim ** -0.5,
+        )  # [B, h, L, Ev / h]
+        out = out.permute(2, 0, 1, 3).reshape(num_queries, batch, -1)  # [L, B, Ev], head-major channels
+        return self.out_proj(out)

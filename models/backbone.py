@@ -1,0 +1,100 @@
+"""ResNet backbone with frozen batch norm, joined with the positional encoding (spec §1.8, §1.9).
+
+State-dict layout: ``backbone.0.body.*`` is the torchvision ResNet trunk up to ``layer4``;
+``backbone.1`` is the positional encoding (no keys for the sine flavours).
+"""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from util.misc import NestedTensor
+
+from .position_encoding import build_position_encoding
+
+IMAGENET_WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+}
+NORM_LAYERS = {
+    "FrozenBatchNorm2d": FrozenBatchNorm2d,
+    "BatchNorm2d": nn.BatchNorm2d,
+    "SyncBatchNorm": nn.SyncBatchNorm,
+}
+
+
+def load_imagenet_weights(name: str) -> Dict[str, torch.Tensor]:
+    """torchvision's ``IMAGENET1K_V1`` weights (the legacy ``pretrained=True`` ones) of a ResNet."""
+    weights = getattr(torchvision.models, IMAGENET_WEIGHTS[name]).IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as err:  # network or cache problem: say what to do instead of a bare URL error
+        raise RuntimeError(
+            f"could not load the ImageNet weights of {name} ({weights.url}): {err}. Put the file into "
+            f"{torch.hub.get_dir()}/checkpoints/, or pass --no_pretrained_backbone (e.g. when a full "
+            "checkpoint is loaded with --resume/--pretrain_model_path anyway)."
+        ) from err
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet returning the requested stages with their downsampled padding masks."""
+
+    def __init__(self, name: str, train_backbone: bool, return_layers: List[str], dilation: bool,
+                 norm_layer: str = "FrozenBatchNorm2d", pretrained: bool = True):
+        super().__init__()
+        resnet = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm_layer])
+        if pretrained:
+            # FrozenBatchNorm2d drops the ``num_batches_tracked`` entries of the ImageNet weights itself.
+            resnet.load_state_dict(load_imagenet_weights(name))
+        for param_name, param in resnet.named_parameters():
+            trainable = train_backbone and any(stage in param_name for stage in ("layer2", "layer3", "layer4"))
+            param.requires_grad_(trainable)
+        self.body = IntermediateLayerGetter(resnet, return_layers={layer: layer for layer in return_layers})
+        stage_channels = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
+        expansion = 4 if name in ("resnet50", "resnet101") else 1
+        self.num_channels = [stage_channels[layer] * expansion for layer in return_layers]
+        self.strides = [{"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}[layer] for layer in return_layers]
+        if dilation:
+            self.strides[-1] //= 2
+
+    def forward(self, tensor_list: NestedTensor) -> List[NestedTensor]:
+        features = self.body(tensor_list.tensors)
+        return [NestedTensor(x, resize_mask(tensor_list.mask, x.shape[-2:])) for x in features.values()]
+
+
+def resize_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-neighbour resize of a padding mask ``[B, H, W]`` to ``size``."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+
+
+class Joiner(nn.Sequential):
+    """``backbone.0`` = the ResNet, ``backbone.1`` = the positional encoding of each returned map."""
+
+    def __init__(self, backbone: Backbone, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+        self.strides = backbone.strides
+
+    def forward(self, tensor_list: NestedTensor):
+        features = self[0](tensor_list)
+        pos = [self[1](feature) for feature in features]
+        return features, pos
+
+
+def build_backbone(args, return_layers: List[str], deformable: bool) -> Joiner:
+    backbone = Backbone(
+        args.backbone,
+        train_backbone=args.lr_backbone > 0,
+        return_layers=return_layers,
+        dilation=args.dilation,
+        norm_layer=args.batch_norm_type,
+        pretrained=not args.no_pretrained_backbone,
+    )
+    return Joiner(backbone, build_position_encoding(args, deformable))

@@ -1,0 +1,200 @@
+"""The multi-scale DAB-Deformable-DETR transformer of ``dn_dab_deformable_detr`` (spec §4.1, §4.3).
+
+Batch-first throughout (``[B, L, D]``). Encoder and decoder cross-attention are multi-scale
+deformable attention; the decoder refines 4-D anchors with per-layer box heads that the detector
+attaches as ``decoder.bbox_embed``.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from util.misc import inverse_sigmoid
+
+from .layers import MLP, clone_modules
+from .ops import MSDeformAttn
+from .position_encoding import anchor_sine_embedding
+
+
+class DeformableTransformerEncoderLayer(nn.Module):
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src = self.norm1(src + self.dropout1(attended))
+        src = self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(src))))))
+        return src
+
+
+class DeformableTransformerDecoderLayer(nn.Module):
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                memory_padding_mask, self_attn_mask):
+        q = k = tgt + query_pos
+        attended = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout2(attended))
+        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                                   memory_padding_mask)
+        tgt = self.norm1(tgt + self.dropout1(attended))
+        tgt = self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(F.relu(self.linear1(tgt))))))
+        return tgt
+
+
+class DeformableTransformerEncoder(nn.Module):
+    def __init__(self, layer: DeformableTransformerEncoderLayer, num_layers: int):
+        super().__init__()
+        self.layers = clone_modules(layer, num_layers)
+
+    @staticmethod
+    def reference_points(spatial_shapes: List[Tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
+        """Pixel centres of every level, normalised by the valid (unpadded) size -> ``[B, S, L, 2]`` (x, y)."""
+        points = []
+        for level, (height, width) in enumerate(spatial_shapes):
+            ref_y, ref_x = torch.meshgrid(
+                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=valid_ratios.device),
+                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=valid_ratios.device),
+                indexing="ij",
+            )
+            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)  # [B, H*W]
+            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
+            points.append(torch.stack((ref_x, ref_y), -1))
+        reference_points = torch.cat(points, 1)  # [B, S, 2]
+        return reference_points[:, :, None] * valid_ratios[:, None]  # [B, S, L, 2]
+
+    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask):
+        reference_points = self.reference_points(spatial_shapes, valid_ratios)
+        output = src
+        for layer in self.layers:
+            output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+        return output
+
+
+class DeformableTransformerDecoder(nn.Module):
+    """Anchor-refining decoder; every layer's references are detached before the next layer (spec §4.3)."""
+
+    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int, d_model: int):
+        super().__init__()
+        self.layers = clone_modules(layer, num_layers)
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.bbox_embed: Optional[nn.ModuleList] = None  # the detector's per-layer box heads, attached later
+
+    def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
+                memory_padding_mask, self_attn_mask):
+        """``tgt [B, Q, D]``, ``reference_points [B, Q, 4]`` (sigmoid space) -> layer outputs ``[L, B, Q, D]``
+        and the detached references each layer's heads refine ``[L, B, Q, 4]`` (the first is the input)."""
+        d_model = tgt.shape[-1]
+        output = tgt
+        intermediate, references = [], [reference_points]
+        for layer_id, layer in enumerate(self.layers):
+            # [B, Q, 4] -> [B, Q, L, 4]: x, w scaled by each level's valid width ratio, y, h by its height ratio
+            reference_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+            raw_query_pos = self.ref_point_head(anchor_sine_embedding(reference_input[:, :, 0, :], d_model // 2))
+            query_pos = raw_query_pos if layer_id == 0 else self.query_scale(output) * raw_query_pos
+
+            output = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index,
+                           memory_padding_mask, self_attn_mask)
+
+            reference_points = (self.bbox_embed[layer_id](output) + inverse_sigmoid(reference_points)).sigmoid().detach()
+            intermediate.append(output)
+            references.append(reference_points)
+        return torch.stack(intermediate), torch.stack(references[:-1])
+
+
+class DeformableTransformer(nn.Module):
+    def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
+                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.0,
+                 num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4):
+        super().__init__()
+        self.d_model = d_model
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        encoder_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
+                                                          nhead, enc_n_points)
+        self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
+        decoder_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
+                                                          nhead, dec_n_points)
+        self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module._reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    @staticmethod
+    def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
+        """Unpadded fraction ``(w, h)`` of a level from its first row and column: ``[B, H, W]`` -> ``[B, 2]``."""
+        _, height, width = mask.shape
+        valid_h = torch.sum(~mask[:, :, 0], 1)
+        valid_w = torch.sum(~mask[:, 0, :], 1)
+        return torch.stack([valid_w.float() / width, valid_h.float() / height], -1)
+
+    def forward(self, srcs: List[torch.Tensor], masks: List[torch.Tensor], pos_embeds: List[torch.Tensor],
+                query_embeds: torch.Tensor, attn_mask: Optional[torch.Tensor]):
+        """Encode the feature levels and decode the queries.
+
+        Args:
+            srcs, pos_embeds: per level ``[B, D, H_l, W_l]``; masks: per level ``[B, H_l, W_l]``.
+            query_embeds: ``[B, Q, D + 4]`` content queries followed by anchor logits.
+            attn_mask: ``[Q, Q]`` decoder self-attention mask (True = blocked) or None.
+        Returns:
+            ``hs [L, B, Q, D]`` and references ``[L, B, Q, 4]``.
+        """
+        spatial_shapes = [tuple(src.shape[-2:]) for src in srcs]
+        src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)  # [B, S, D]
+        mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)  # [B, S]
+        lvl_pos_embed_flatten = torch.cat([
+            pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
+            for level, pos in enumerate(pos_embeds)
+        ], 1)  # [B, S, D]
+        level_sizes = torch.as_tensor([h * w for h, w in spatial_shapes])
+        level_start_index = (torch.cumsum(level_sizes, 0) - level_sizes).to(src_flatten.device)
+        valid_ratios = torch.stack([self.valid_ratios(mask) for mask in masks], 1)  # [B, L, 2]
+
+        memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios,
+                              lvl_pos_embed_flatten, mask_flatten)
+
+        tgt, refpoints_logit = query_embeds[..., :self.d_model], query_embeds[..., self.d_model:]
+        return self.decoder(tgt, refpoints_logit.sigmoid(), memory, spatial_shapes, level_start_index,
+                            valid_ratios, mask_flatten, attn_mask)
+
+
+def build_deformable_transformer(args) -> DeformableTransformer:
+    return DeformableTransformer(
+        d_model=args.hidden_dim,
+        nhead=args.nheads,
+        num_encoder_layers=args.enc_layers,
+        num_decoder_layers=args.dec_layers,
+        dim_feedforward=args.dim_feedforward,
+        dropout=args.dropout,
+        num_feature_levels=args.num_feature_levels,
+        dec_n_points=args.dec_n_points,
+        enc_n_points=args.enc_n_points,
+    )

@@ -1,0 +1,32 @@
+"""Convert model outputs into COCO-style detections (spec §5.5)."""
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from util.box_ops import box_cxcywh_to_xyxy
+
+
+class PostProcess(nn.Module):
+    """Top-``num_select`` (query, class) pairs by sigmoid score; boxes in absolute xyxy pixels."""
+
+    def __init__(self, num_select: int = 300):
+        super().__init__()
+        self.num_select = num_select
+
+    @torch.no_grad()
+    def forward(self, outputs: Dict[str, torch.Tensor], target_sizes: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+        """``target_sizes [B, 2]`` holds each image's (height, width), normally its original size."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if len(logits) != len(target_sizes):
+            raise ValueError(f"PostProcess: {len(logits)} predictions but {len(target_sizes)} target sizes")
+        batch, num_queries, num_classes = logits.shape
+        prob = logits.float().sigmoid().view(batch, -1)  # [B, Q * C]
+        scores, flat_index = prob.topk(min(self.num_select, num_queries * num_classes), dim=1)
+        query_index = flat_index // num_classes
+        labels = flat_index % num_classes
+        boxes = torch.gather(box_cxcywh_to_xyxy(boxes.float()), 1, query_index[..., None].expand(-1, -1, 4))
+        img_h, img_w = target_sizes.unbind(1)
+        scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)  # [B, 4]
+        boxes = boxes * scale[:, None, :]
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]

@@ -1,0 +1,107 @@
+"""State dicts are identical to the official releases (names, shapes, dtypes, order), so they load strictly.
+
+The manifests in tests/data/ were read off the original implementation (see REFERENCE_README.md).
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from main import get_args_parser
+from models import build_model
+
+DATA = Path(__file__).parent / "data"
+
+
+def read_manifest(name):
+    rows = []
+    for line in (DATA / name).read_text().splitlines():
+        key, shape, dtype = line.split("\t")
+        rows.append((key, tuple(int(s) for s in shape.split(",")), dtype))
+    return rows
+
+
+def model_rows(model):
+    return [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()]
+
+
+def build(*flags):
+    args = get_args_parser().parse_args(list(flags) + ["--no_pretrained_backbone"])
+    return build_model(args)[0]
+
+
+def assert_loads_strictly(model, rows):
+    """A state dict with exactly the manifest's keys and shapes loads with strict=True, value for value."""
+    generator = torch.Generator().manual_seed(0)
+    state = {key: torch.randn(shape, generator=generator) for key, shape, _ in rows}
+    # The shared box head is one module under two names: an official checkpoint holds equal copies.
+    for key in state:
+        if key.startswith("transformer.decoder.bbox_embed."):
+            state[key] = state[key[len("transformer.decoder."):]]
+    model.load_state_dict(state, strict=True)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
+
+
+def test_dn_dab_detr_r50_matches_manifest_in_order():
+    rows = read_manifest("dn_dab_detr_r50.tsv")
+    model = build("-m", "dn_dab_detr", "--use_dn")
+    assert model_rows(model) == rows
+    assert sum(p.numel() for p in model.parameters()) == 43_694_977
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 43_472_577
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 362  # the positional layout of the official optimizer state
+    assert trainable[0] == "transformer.encoder.layers.0.self_attn.in_proj_weight"
+    assert next(n for n in trainable if "backbone" in n) == "backbone.0.body.layer2.0.conv1.weight"
+    assert_loads_strictly(model, rows)
+
+
+def test_baseline_without_dn_has_the_same_state_dict():
+    assert model_rows(build("-m", "dn_dab_detr")) == read_manifest("dn_dab_detr_r50.tsv")
+
+
+def test_three_patterns_add_one_entry_after_the_decoder():
+    rows = read_manifest("dn_dab_detr_r50.tsv")
+    insert_at = [i for i, (key, _, _) in enumerate(rows) if key.startswith("transformer.decoder.")][-1] + 1
+    expected = rows[:insert_at] + [("transformer.patterns.weight", (3, 256), "float32")] + rows[insert_at:]
+    model = build("-m", "dn_dab_detr", "--use_dn", "--num_patterns", "3")
+    assert model_rows(model) == expected
+    assert sum(p.numel() for p in model.parameters()) == 43_695_745
+
+
+def test_dc5_changes_no_names_or_shapes():
+    model = build("-m", "dn_dab_detr", "--use_dn", "--dilation")
+    assert model_rows(model) == read_manifest("dn_dab_detr_r50.tsv")
+    layer4 = model.backbone[0].body.layer4
+    assert layer4[0].conv2.stride == (1, 1) and layer4[1].conv2.dilation == (2, 2)
+    assert model.backbone.strides == [16]
+
+
+def test_resnet101_adds_layer3_blocks_6_to_22():
+    rows = read_manifest("dn_dab_detr_r50.tsv")
+    model = build("-m", "dn_dab_detr", "--use_dn", "--backbone", "resnet101")
+    got = model_rows(model)
+    extra = [key for key, _, _ in got if key not in {k for k, _, _ in rows}]
+    assert len(got) == 846 and len(extra) == 255
+    assert {key.split(".")[4] for key in extra} == {str(i) for i in range(6, 23)}
+    assert all(key.startswith("backbone.0.body.layer3.") for key in extra)
+    assert sum(p.numel() for p in model.parameters()) == 62_634_881
+
+
+def test_relu_drops_the_twelve_activation_slopes():
+    rows = [r for r in read_manifest("dn_dab_detr_r50.tsv") if not r[0].endswith("activation.weight")]
+    assert len(rows) == 579
+    assert model_rows(build("-m", "dn_dab_detr", "--transformer_activation", "relu")) == rows
+
+
+@pytest.mark.parametrize("use_dn", [True, False])
+def test_dn_dab_deformable_detr_r50_matches_manifest_in_order(use_dn):
+    rows = read_manifest("dn_dab_deformable_detr_r50.tsv")
+    flags = ["-m", "dn_dab_deformable_detr", "--transformer_activation", "relu"] + (["--use_dn"] if use_dn else [])
+    model = build(*flags)
+    assert model_rows(model) == rows
+    assert sum(p.numel() for p in model.parameters()) == 47_429_154
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 47_206_754
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 346 and trainable[0] == "transformer.level_embed"
+    assert_loads_strictly(model, rows)
