@@ -1,0 +1,179 @@
+"""Crash-safe checkpoint writing and safe checkpoint reading.
+
+Writing (:func:`save_checkpoint`): the file is written under a temporary name in the target folder,
+flushed and fsync'ed, then renamed onto the final name (``os.replace`` is atomic on POSIX and Windows),
+so a crash or ``kill -9`` at any moment leaves either the previous complete file or the new complete
+file. ``args`` is stored as a plain dict, loadable without unpickling any class.
+
+Reading (:func:`load_checkpoint`): ``torch.load(weights_only=True)``, i.e. no code from the file is ever
+imported or run. Besides tensors, numbers, strings and containers, the only class allowed is
+``argparse.Namespace``: the official DN-DETR checkpoints (``model``, ``optimizer``, ``lr_scheduler``,
+``epoch``, ``args``) pickle their ``args`` as one. A file that needs anything else is refused with
+:class:`UnsafeCheckpointError`.
+"""
+import argparse
+import os
+import pickle
+import re
+import secrets
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Union
+from urllib.error import URLError
+from urllib.parse import urlparse
+
+import torch
+
+# Classes a legitimate DN-DETR checkpoint may contain beyond what weights_only allows by default.
+CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be used; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The checkpoint needs classes or functions outside the allow-list; it was not loaded."""
+
+    def __init__(self, path: PathLike, offending_globals: List[str]):
+        self.path = Path(path)
+        self.offending_globals = offending_globals
+        super().__init__(
+            f"Refused to load checkpoint {path}: it references {', '.join(offending_globals)}, which loading "
+            f"would import and call. Only tensors, numbers, strings, containers and argparse.Namespace are "
+            f"allowed in a DN-DETR checkpoint, so the file was refused for security; nothing in it was executed. "
+            f"If you trust its origin, convert it once in a separate session: torch.load it with "
+            f"weights_only=False and re-save only its state dicts with util.checkpoint.save_checkpoint.")
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file is not a readable PyTorch checkpoint (truncated, corrupt or not a checkpoint at all)."""
+
+
+def _plain(value: Any) -> Any:
+    """``value`` made of built-in types only: containers kept, numpy/torch scalars unwrapped, anything
+    else (paths, devices, ...) turned into its string."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return str(value)
+
+
+def args_to_dict(args: Union[argparse.Namespace, Mapping[str, Any]]) -> dict:
+    """Run settings (a Namespace as the official code saves them, or a dict) as a plain dict."""
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if not isinstance(args, Mapping):
+        raise TypeError(f"args: expected an argparse.Namespace or a dict, got {type(args).__name__}")
+    return {str(k): _plain(v) for k, v in args.items()}
+
+
+def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
+    """Write ``state`` to ``path`` atomically (see module doc); ``state["args"]`` is saved as a plain dict."""
+    path = Path(path)
+    state = dict(state)
+    if state.get("args") is not None:
+        state["args"] = args_to_dict(state["args"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_url(path_or_url: PathLike) -> bool:
+    return str(path_or_url).startswith(("https://", "http://"))
+
+
+def download_checkpoint(url: str, download_dir: Optional[PathLike] = None, progress: bool = True) -> Path:
+    """Download ``url`` once into ``download_dir`` (default ``<torch hub dir>/checkpoints``); returns the file."""
+    file_name = os.path.basename(urlparse(url).path)
+    if not file_name:
+        raise CheckpointError(f"{url}: the URL does not end with a file name")
+    download_dir = Path(download_dir) if download_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    cached = download_dir / file_name
+    if not cached.is_file():
+        download_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(cached), progress=progress)
+        except (URLError, OSError) as error:
+            raise CheckpointError(f"cannot download checkpoint {url}: {error}") from error
+    return cached
+
+
+def _offending_globals(path: Path, error: Exception) -> List[str]:
+    """Names of the classes/functions the file needs that are not allowed (empty if that is not the problem)."""
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # legacy (non-zip) format or unreadable: fall back to the loader's message
+        found = []
+    return sorted(set(found)) or re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
+
+
+def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", download_dir: Optional[PathLike] = None) -> dict:
+    """Load a checkpoint dict from a file or an http(s) URL without executing anything from it.
+
+    ``args``, when present, is returned as a plain dict (official files hold a Namespace).
+
+    Raises:
+        FileNotFoundError: the path does not exist (it is never silently skipped).
+        UnsafeCheckpointError: the file needs a class or function outside the allow-list.
+        CorruptCheckpointError: the file is truncated, corrupt or not a checkpoint dict.
+        CheckpointError: the URL could not be downloaded.
+    """
+    path = download_checkpoint(str(path_or_url), download_dir) if is_url(path_or_url) else Path(path_or_url)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as error:
+        offending = _offending_globals(path, error)
+        if offending:
+            raise UnsafeCheckpointError(path, offending) from None
+        raise CorruptCheckpointError(f"checkpoint {path} cannot be read (corrupt or not a PyTorch checkpoint): "
+                                     f"{error}") from error
+    except Exception as error:
+        raise CorruptCheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt?): "
+                                     f"{type(error).__name__}: {error}") from error
+    if not isinstance(checkpoint, dict):
+        raise CorruptCheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict "
+                                     "(model, optimizer, lr_scheduler, epoch, args)")
+    if checkpoint.get("args") is not None:
+        checkpoint["args"] = args_to_dict(checkpoint["args"])
+    return checkpoint
