@@ -1,0 +1,267 @@
+"""Time and memory of multi-scale deformable attention (the pure-PyTorch ``grid_sample`` op).
+
+Four cases at the default ``dn_dab_deformable_detr`` shape (batch 2, an 800x1066 image through a ResNet:
+levels at strides 8/16/32/64, 8 heads x 32 channels, 4 points):
+
+* ``core/decoder``, ``core/encoder``: ``ms_deform_attn_core`` alone with 300 queries / one query per pixel;
+* ``module/decoder``, ``module/encoder``: the full ``MSDeformAttn`` (projections included), the decoder with
+  4-D box references (cross-attention), the encoder with 2-D point references (self-attention, ``Lq = S``).
+
+For each case: median wall time of forward + backward and of forward alone (no grad) over ``--iters`` runs after
+``--warmup`` runs, and the peak memory of one forward + backward: CUDA max-allocated above the allocation before
+the step, or on CPU the process peak-RSS rise (free heap memory is first returned to the OS with glibc's
+``malloc_trim`` and the kernel's high-water mark reset through ``/proc/self/clear_refs`` where available, else
+the lifetime ``ru_maxrss`` is used and the figure is a lower bound). Prints a markdown table; ``--out`` also
+writes the figures as JSON.
+
+Usage: ``python scripts/benchmark_msda.py [--device cuda] [--iters 5] [--out msda.json]``
+"""
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.ops import MSDeformAttn, ms_deform_attn_core  # noqa: E402
+
+CASES = ("core/decoder", "core/encoder", "module/decoder", "module/encoder")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--image-size", type=int, nargs=2, default=[800, 1066], metavar=("H", "W"))
+    parser.add_argument("--levels", type=int, default=4, help="feature levels from stride 8 upwards")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--points", type=int, default=4)
+    parser.add_argument("--queries", type=int, default=300, help="decoder queries")
+    parser.add_argument("--iters", type=int, default=5, help="timed runs per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return parser.parse_args()
+
+
+def level_shapes(image_height: int, image_width: int, num_levels: int):
+    """ResNet feature sizes: every stride-2 stage maps ``n`` to ``ceil(n / 2)``; the first level is stride 8."""
+    height, width = image_height, image_width
+    for _ in range(3):
+        height, width = -(-height // 2), -(-width // 2)
+    shapes = []
+    for _ in range(num_levels):
+        shapes.append((height, width))
+        height, width = -(-height // 2), -(-width // 2)
+    return shapes
+
+
+class PeakMemory:
+    """Peak memory above the current usage during a block: CUDA allocator stats, else the process RSS."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.exact = True
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._return_free_heap_to_os()
+            self.exact = self._reset_rss_high_water_mark()
+            self.start = self._rss_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+        else:
+            peak = self._rss_bytes("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.peak_bytes = max(peak - self.start, 0)
+        return False
+
+    @staticmethod
+    def _return_free_heap_to_os():
+        """glibc keeps freed blocks mapped; reusing them would hide the step's allocations from the RSS."""
+        libc_name = ctypes.util.find_library("c")
+        if libc_name is None:
+            return
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+    @staticmethod
+    def _reset_rss_high_water_mark() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _rss_bytes(field: str) -> int:
+        try:
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def make_case(name: str, args, shapes, device, dtype):
+    """Returns ``(step, clear_grads, num_queries, num_values)``; ``step(with_backward)`` runs one forward, and
+    the backward of a fixed output gradient if asked; ``clear_grads()`` drops the leaves' gradients."""
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    batch, heads, head_dim, points = args.batch, args.heads, args.head_dim, args.points
+    num_levels, num_values, d_model = len(shapes), sum(h * w for h, w in shapes), args.heads * args.head_dim
+    num_queries = args.queries if name.endswith("decoder") else num_values
+
+    if name.startswith("core"):
+        value = rand(batch, num_values, heads, head_dim).requires_grad_(True)
+        locations = torch.rand(batch, num_queries, heads, num_levels, points, 2, generator=generator)
+        locations = locations.to(device=device, dtype=dtype).requires_grad_(True)
+        logits = rand(batch, num_queries, heads, num_levels * points).requires_grad_(True)
+        leaves = [value, locations, logits]
+
+        def forward():
+            weights = logits.softmax(-1).view(batch, num_queries, heads, num_levels, points)
+            return ms_deform_attn_core(value, shapes, locations, weights)
+    else:
+        module = MSDeformAttn(d_model, num_levels, heads, points).to(device=device, dtype=dtype)
+        memory = rand(batch, num_values, d_model).requires_grad_(True)
+        padding_mask = torch.zeros(batch, num_values, dtype=torch.bool, device=device)
+        sizes = torch.tensor([h * w for h, w in shapes])
+        start_index = (torch.cumsum(sizes, 0) - sizes).to(device)
+        if name.endswith("decoder"):
+            query = rand(batch, num_queries, d_model).requires_grad_(True)
+            centres = torch.rand(batch, num_queries, 1, 2, generator=generator) * 0.8 + 0.1
+            sizes_wh = torch.rand(batch, num_queries, 1, 2, generator=generator) * 0.3 + 0.02
+            references = torch.cat([centres, sizes_wh], -1).expand(-1, -1, num_levels, -1)
+        else:
+            query = memory
+            references = torch.cat([_pixel_centres(h, w) for h, w in shapes], 0)[None, :, None, :]
+            references = references.expand(batch, -1, num_levels, -1)
+        references = references.to(device=device, dtype=dtype)
+        leaves = [memory] + ([query] if query is not memory else []) + list(module.parameters())
+
+        def forward():
+            return module(query, references, memory, shapes, start_index, padding_mask)
+
+    grad_output = rand(batch, num_queries, d_model)
+
+    def clear_grads():
+        for leaf in leaves:
+            leaf.grad = None
+
+    def step(with_backward: bool):
+        if not with_backward:
+            with torch.no_grad():
+                forward()
+            return
+        clear_grads()
+        forward().backward(grad_output)
+
+    return step, clear_grads, num_queries, num_values
+
+
+def _pixel_centres(height: int, width: int) -> torch.Tensor:
+    rows, cols = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width,
+                                indexing="ij")
+    return torch.stack([cols.reshape(-1), rows.reshape(-1)], -1)  # [H*W, 2] (x, y)
+
+
+def median_ms(step, with_backward, device, warmup, iters):
+    for _ in range(warmup):
+        step(with_backward)
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step(with_backward)
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = getattr(torch, args.dtype)
+    shapes = level_shapes(*args.image_size, args.levels)
+
+    results = []
+    for name in args.cases:
+        step, clear_grads, num_queries, num_values = make_case(name, args, shapes, device, dtype)
+        step(True)  # first-call allocations (allocator caches, thread pools) stay out of the measurement
+        clear_grads()
+        with PeakMemory(device) as peak:
+            step(True)
+        backward_ms = median_ms(step, True, device, args.warmup, args.iters)
+        forward_ms = median_ms(step, False, device, args.warmup, args.iters)
+        results.append({"case": name, "queries": num_queries, "values": num_values, "fwd_bwd_ms": backward_ms,
+                        "fwd_ms": forward_ms, "peak_mib": peak.peak_bytes / 2 ** 20, "peak_exact": peak.exact})
+        del step, clear_grads
+        gc.collect()
+
+    config = {"device": str(device), "device_name": _device_name(device), "dtype": args.dtype,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
+              "level_shapes": shapes, "heads": args.heads, "head_dim": args.head_dim, "points": args.points,
+              "iters": args.iters, "warmup": args.warmup}
+    print(f"MSDA benchmark: {config['device_name']}, {args.dtype}, torch {torch.__version__}, "
+          f"{config['threads']} threads, batch {args.batch}, levels {shapes}, {args.heads}x{args.head_dim}, "
+          f"{args.points} points, median of {args.iters} after {args.warmup} warm-up\n")
+    memory_kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS rise"
+    print(f"| case | Lq | S | fwd+bwd (ms) | fwd, no grad (ms) | peak memory, fwd+bwd (MiB, {memory_kind}) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in results:
+        approx = "" if row["peak_exact"] else " (lower bound)"
+        print(f"| {row['case']} | {row['queries']} | {row['values']} | {row['fwd_bwd_ms']:.1f} | "
+              f"{row['fwd_ms']:.1f} | {row['peak_mib']:.0f}{approx} |")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"config": config, "results": results}, indent=2))
+        print(f"\nwrote {args.out}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+if __name__ == "__main__":
+    main()
