@@ -1,0 +1,51 @@
+"""Datasets: COCO-format detection data, the DETR augmentations, COCO evaluation and a synthetic COCO generator."""
+from pathlib import Path
+
+from torch.utils.data import Subset
+
+from datasets.coco import CocoDetection, read_annotation_json
+from datasets.transforms import make_coco_transforms
+
+SPLIT_FOLDERS = {"train": "train2017", "val": "val2017"}
+
+
+def coco_split_paths(coco_path, image_set: str):
+    """``(image folder, annotation file)`` of ``image_set`` ('train' or 'val') under a COCO-format root."""
+    if image_set not in SPLIT_FOLDERS:
+        raise ValueError(f"unknown image_set {image_set!r}; expected one of {sorted(SPLIT_FOLDERS)}")
+    root = Path(coco_path)
+    folder = SPLIT_FOLDERS[image_set]
+    return root / folder, root / "annotations" / f"instances_{folder}.json"
+
+
+def build_dataset(image_set: str, args) -> CocoDetection:
+    """The ``image_set`` split of ``--coco_path`` with the DETR transforms built from ``args``."""
+    if args.dataset_file != "coco":
+        raise ValueError(f"--dataset_file {args.dataset_file!r} is not supported; only 'coco' (any COCO-format folder)")
+    if args.coco_path is None:
+        raise ValueError("--coco_path is required: a COCO-format folder with train2017/, val2017/ and annotations/")
+    root = Path(args.coco_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--coco_path {root} is not a folder: expected a COCO-format folder with "
+                                "train2017/, val2017/ and annotations/instances_{train,val}2017.json")
+    img_folder, ann_file = coco_split_paths(root, image_set)
+    return CocoDetection(img_folder, ann_file, transforms=make_coco_transforms(image_set, args))
+
+
+def get_coco_api_from_dataset(dataset):
+    """The pycocotools ``COCO`` ground truth behind ``dataset`` (looking through ``torch.utils.data.Subset``)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if not hasattr(dataset, "coco"):
+        raise TypeError(f"{type(dataset).__name__} has no COCO ground truth ('coco' attribute) to evaluate against")
+    return dataset.coco
+
+
+def infer_num_classes(ann_file) -> int:
+    """Classification logits for a COCO-format annotation file: max category id + 1 (91 for COCO, spec §1.2)."""
+    ann_file = Path(ann_file)
+    categories = read_annotation_json(ann_file)["categories"]
+    ids = [c["id"] for c in categories if isinstance(c, dict) and isinstance(c.get("id"), int)]
+    if not ids:
+        raise ValueError(f"{ann_file}: no integer category ids in 'categories'; cannot infer --num_classes")
+    return max(ids) + 1
