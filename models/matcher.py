@@ -31,7 +31,7 @@ class HungarianMatcher(nn.Module):
         neg_cost = (1 - alpha) * (prob ** gamma) * (-(1 - prob + 1e-8).log())
         pos_cost = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())
         cost_class = pos_cost[:, tgt_labels] - neg_cost[:, tgt_labels]
-        pred_boxes = pred_boxes.float()
+        pred_boxes, tgt_boxes = pred_boxes.float(), tgt_boxes.float()
         cost_bbox = torch.cdist(pred_boxes, tgt_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(tgt_boxes))
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou

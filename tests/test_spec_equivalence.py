@@ -1,0 +1,337 @@
+"""Equivalence of the ``dn_dab_detr`` model, criterion and post-processor with the naive spec oracle.
+
+The oracle (tests/spec_oracle.py) is a literal transcription of the spec written without reading models/.
+Model and oracle share one randomised state dict.  All cases but one run the model in float64, where the
+forward passes agree to ~1e-15; the criterion, matcher and post-processor compute in float32 whatever the
+model dtype, so losses, gradients and detections are compared at float32 precision.  The float32 case uses
+the default noise scales and also checks the DN noise random-number order of Appendix B.  Target boxes are
+float32 everywhere (the project's interface; the matcher rejects float64 target boxes).
+"""
+import functools
+
+import pytest
+import torch
+
+from main import get_args_parser
+from models import build_model
+from tests import spec_oracle as oracle
+
+TINY = ["--no_pretrained_backbone", "--backbone", "resnet18", "--hidden_dim", "64", "--dim_feedforward", "96",
+        "--enc_layers", "2", "--dec_layers", "3", "--num_queries", "12", "--nheads", "4", "--num_classes", "11",
+        "--num_select", "40"]
+NO_NOISE = ["--label_noise_scale", "0", "--box_noise_scale", "0"]
+# Forward tolerance in float64: model and oracle agree to ~1e-15 there.
+F64_FORWARD_TOL = 1e-9
+# The criterion, matcher and post-processor compute in float32 even for a float64 model (observed), so
+# losses, gradients and detections can only be compared at float32 precision (~1e-7 relative observed).
+F64_LOSS_TOL = 1e-6
+F32_TOL = 1e-4
+
+# A tiny GT box in a corner: its DN anchor logits saturate the clamped inverse sigmoid (§1.3, eps 1e-3).
+CORNER_BOX = [0.9994, 0.0006, 0.0009, 0.0008]
+# Anchor logits beyond ±6.9 for query 0: σ⁻¹_ε(σ(z)) != z there (§8.5).
+SATURATED_ANCHOR = [7.5, -8.0, 7.3, 7.1]
+
+# name -> (flags, seed, GT count per image, image sizes (H, W))
+CASES = {
+    "dn_prelu_aux_emptyimage": (["--use_dn", "--scalar", "3"] + NO_NOISE, 0, [3, 0, 2],
+                                [(70, 100), (100, 64), (96, 96)]),
+    "dn_prelu_aux_seed1": (["--use_dn"] + NO_NOISE, 1, [1, 4], [(64, 64), (90, 120)]),
+    "dn_relu_noaux_patterns2": (["--use_dn", "--scalar", "2", "--num_patterns", "2", "--transformer_activation",
+                                 "relu", "--no_aux_loss"] + NO_NOISE, 2, [2, 0, 3],
+                                [(80, 64), (64, 100), (50, 70)]),
+    "dn_patterns1": (["--use_dn", "--scalar", "2", "--num_patterns", "1"] + NO_NOISE, 3, [2, 2],
+                     [(64, 96), (96, 64)]),
+    "dn_all_empty_batch": (["--use_dn", "--num_patterns", "2"] + NO_NOISE, 4, [0, 0], [(64, 80), (72, 64)]),
+    "no_dn_patterns2": (["--num_patterns", "2"], 5, [2, 1], [(64, 100), (100, 64)]),
+    "dn_prenorm_unequal_pe_temperatures": (["--use_dn", "--scalar", "2", "--pre_norm", "--pe_temperatureH", "10",
+                                            "--pe_temperatureW", "30"] + NO_NOISE, 7, [1, 2],
+                                           [(96, 64), (64, 96)]),
+}
+CORNER_BOX_CASE = "dn_prelu_aux_seed1"  # gets CORNER_BOX as an extra GT of image 1
+F32_NOISE_CASE = (["--use_dn", "--scalar", "4"], 6, [3, 1, 2], [(70, 90), (96, 64), (64, 64)])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The oracle issues thousands of tiny ops; one intra-op thread avoids oversubscription on small CPUs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_inputs(seed, counts, sizes, num_classes, dtype, corner_box=False):
+    """Random images of the given sizes and ``counts[b]`` random float32 GT boxes for image ``b``."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    images = [torch.randn(3, h, w, generator=g).to(dtype) for h, w in sizes]
+    targets = []
+    for n in counts:
+        centre = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+        size = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(0, num_classes, (n,), generator=g),
+                        "boxes": torch.cat([centre, size], dim=1)})
+    if corner_box:
+        targets[1]["labels"] = torch.cat([targets[1]["labels"], torch.tensor([3])])
+        targets[1]["boxes"] = torch.cat([targets[1]["boxes"], torch.tensor([CORNER_BOX])])
+    return images, targets
+
+
+@torch.no_grad()
+def randomise_parameters(model, seed):
+    """Perturb every non-backbone float tensor so that no head is at its special init (zero last box layer,
+    prior bias, PReLU 0.25, ...); a shared tensor (the bbox head) is perturbed once."""
+    g = torch.Generator().manual_seed(seed)
+    seen = set()
+    for name, t in model.state_dict().items():
+        if name.startswith("backbone") or not t.is_floating_point() or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        scale = 0.3 / t.shape[1] ** 0.5 if t.dim() >= 2 else 0.1
+        t.add_(torch.randn(t.shape, generator=g, dtype=t.dtype) * scale)
+    model.state_dict()["refpoint_embed.weight"][0] = torch.tensor(SATURATED_ANCHOR)
+
+
+def build(flags, seed, dtype):
+    args = get_args_parser().parse_args(["-m", "dn_dab_detr"] + TINY + flags)
+    torch.manual_seed(seed)
+    model, criterion, postprocessors = build_model(args)
+    randomise_parameters(model, seed)
+    model.to(dtype)
+    return args, model, criterion, postprocessors
+
+
+def oracle_params(model, dtype):
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    params = {}
+    for name, t in model.state_dict().items():
+        leaf = t.detach().clone().to(dtype) if t.is_floating_point() else t.detach().clone()
+        if name in trainable:
+            leaf.requires_grad_(True)
+        params[name] = leaf
+    for name in list(params):
+        if name.startswith("bbox_embed."):
+            assert torch.equal(params[name], params["transformer.decoder." + name]), f"shared {name} differs"
+    return params
+
+
+def weighted_total(losses, weight_dict):
+    return sum(losses[k] * w for k, w in weight_dict.items() if k in losses)
+
+
+@functools.lru_cache(maxsize=None)
+def run_case(name):
+    """Run model and oracle (eval forward, train forward, losses, backward, post-process) for one case."""
+    if name == "f32_noise":
+        flags, seed, counts, sizes = F32_NOISE_CASE
+        dtype = torch.float32
+    else:
+        flags, seed, counts, sizes = CASES[name]
+        dtype = torch.float64
+    args, model, criterion, postprocessors = build(flags, seed, dtype)
+    cfg = oracle.config_from_args(args)
+    images, targets = make_inputs(seed, counts, sizes, cfg.num_classes, dtype, corner_box=name == CORNER_BOX_CASE)
+    target_sizes = torch.tensor([[h, w] for h, w in sizes], dtype=dtype)
+    params = oracle_params(model, torch.float64)
+    r = {"cfg": cfg, "targets": targets, "dtype": dtype, "sizes": sizes, "criterion": criterion}
+
+    model.eval()
+    with torch.no_grad():
+        r["m_eval"] = model(images)
+        r["m_post"] = postprocessors["bbox"](r["m_eval"], target_sizes)
+        r["o_eval"] = oracle.oracle_forward(params, cfg, images)
+        r["o_post"] = oracle.oracle_postprocess(r["o_eval"], target_sizes.double(), cfg.num_select)
+        criterion.eval()
+        r["m_eval_losses"] = criterion(r["m_eval"], targets)
+        r["o_eval_losses"] = oracle.oracle_losses(r["o_eval"], targets, cfg, training=False)
+
+    model.train()
+    criterion.train()
+    torch.manual_seed(77)
+    r["m_train"] = model(images, targets)
+    r["m_losses"] = criterion(r["m_train"], targets)
+    model.zero_grad()
+    weighted_total(r["m_losses"], criterion.weight_dict).backward()
+    r["m_grads"] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    noised = None
+    if name == "f32_noise":
+        torch.manual_seed(77)
+        r["o_noise"] = oracle.oracle_dn_noise(targets, cfg)
+        noised = r["o_noise"]
+    r["o_train"] = oracle.oracle_forward(params, cfg, images, targets, training=True, noised=noised)
+    r["o_losses"] = oracle.oracle_losses(r["o_train"], targets, cfg, training=True)
+    oracle.oracle_total_loss(r["o_losses"], cfg).backward()
+    r["o_grads"] = {n: p.grad for n, p in params.items() if p.requires_grad}
+    return r
+
+
+def tol(r, kind="forward"):
+    """Tolerance for a forward quantity or for anything the criterion / post-processor computes."""
+    if r["dtype"] != torch.float64:
+        return F32_TOL
+    return F64_FORWARD_TOL if kind == "forward" else F64_LOSS_TOL
+
+
+def assert_close(actual, expected, what, atol):
+    actual = torch.as_tensor(actual).detach().double()
+    expected = torch.as_tensor(expected).detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs oracle {tuple(expected.shape)}"
+    diff = (actual - expected).abs()
+    bound = atol + atol * expected.abs()
+    if actual.numel() and not bool((diff <= bound).all()):
+        worst = int(torch.argmax(diff - bound))
+        raise AssertionError(f"{what}: model differs from the spec oracle, max |diff| {diff.max():.3e} "
+                             f"(model {actual.flatten()[worst]:.10g} vs oracle {expected.flatten()[worst]:.10g} "
+                             f"at flat index {worst})")
+
+
+ALL = list(CASES) + ["f32_noise"]
+
+
+def compare_outputs(model_out, oracle_out, cfg, atol, what):
+    assert_close(model_out["pred_logits"], oracle_out["pred_logits"], f"{what} pred_logits", atol)
+    assert_close(model_out["pred_boxes"], oracle_out["pred_boxes"], f"{what} pred_boxes", atol)
+    model_aux = model_out.get("aux_outputs") or []
+    assert len(model_aux) == len(oracle_out["aux_outputs"]), \
+        f"{what}: {len(model_aux)} aux outputs, spec §2.3 step 9 wants {len(oracle_out['aux_outputs'])}"
+    for i, (m, o) in enumerate(zip(model_aux, oracle_out["aux_outputs"])):
+        assert_close(m["pred_logits"], o["pred_logits"], f"{what} aux {i} pred_logits", atol)
+        assert_close(m["pred_boxes"], o["pred_boxes"], f"{what} aux {i} pred_boxes", atol)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_eval_outputs_match_oracle(name):
+    r = run_case(name)
+    assert r["m_eval"].get("dn_meta") is None, "eval forward must carry no DN meta (spec §2.3 step 9)"
+    compare_outputs(r["m_eval"], r["o_eval"], r["cfg"], tol(r), "eval")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_postprocessed_detections_match_oracle(name):
+    r = run_case(name)
+    for b, (m, o) in enumerate(zip(r["m_post"], r["o_post"])):
+        assert torch.equal(m["labels"].cpu(), o["labels"]), f"image {b}: labels/order differ from spec §5.5"
+        assert_close(m["scores"], o["scores"], f"image {b} scores", tol(r, "loss"))
+        h, w = r["sizes"][b]
+        scale = torch.tensor([w, h, w, h], dtype=torch.float64)
+        assert_close(m["boxes"].double() / scale, o["boxes"] / scale, f"image {b} boxes / (W,H,W,H)", tol(r, "loss"))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_training_outputs_match_oracle(name):
+    r = run_case(name)
+    compare_outputs(r["m_train"], r["o_train"], r["cfg"], tol(r), "train")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_dn_meta_matches_oracle(name):
+    r = run_case(name)
+    dn = r["o_train"]["dn"]
+    meta = r["m_train"].get("dn_meta")
+    if not r["cfg"].use_dn:
+        assert meta is None, "without --use_dn the training forward must carry no DN meta (spec §9.3)"
+        return
+    if dn["pad"] == 0:
+        assert meta is None or meta.pad_size == 0, "all-empty batch: pad must be 0 (spec §3.3)"
+        assert meta is None or meta.pred_logits is None, "pad 0: no DN predictions are recorded (spec §3.5)"
+        return
+    entries = dn["entries"]
+    assert meta.pad_size == dn["pad"], f"pad_size {meta.pad_size} vs spec {dn['pad']}"
+    assert meta.num_groups == r["cfg"].scalar
+    assert meta.group_size == dn["n_max"], f"group_size {meta.group_size} vs n_max {dn['n_max']}"
+    assert meta.batch_idx.tolist() == [e["batch"] for e in entries], "DN batch indices (§3.3)"
+    assert meta.query_idx.tolist() == [e["row"] for e in entries], "DN rows g·n_max + t (§3.3 step 5)"
+    assert meta.labels.tolist() == [int(e["label"]) for e in entries], "clean DN labels, group-major"
+    assert_close(meta.boxes, torch.stack([e["box"] for e in entries]), "clean DN boxes", 0)
+    assert meta.noised_labels.tolist() == [int(x) for x in dn["noised_labels"]], "noised DN labels"
+    assert_close(meta.noised_boxes, torch.stack(list(dn["noised_boxes"])), "noised DN boxes", 1e-6)
+    assert_close(meta.pred_logits, r["o_train"]["dn_pred_logits"], "dn_meta.pred_logits", tol(r))
+    assert_close(meta.pred_boxes, r["o_train"]["dn_pred_boxes"], "dn_meta.pred_boxes", tol(r))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_loss_term_and_total_match_oracle(name):
+    r = run_case(name)
+    m, o = r["m_losses"], r["o_losses"]
+    assert set(m) == set(o), f"loss keys: extra {sorted(set(m) - set(o))}, missing {sorted(set(o) - set(m))}"
+    for key in sorted(o):
+        assert_close(m[key], o[key], f"loss {key}", tol(r, "loss"))
+    logging_only = [k for k in m if k.startswith(("loss_xy", "loss_hw", "cardinality_error", "class_error",
+                                                   "tgt_class_error"))]
+    if r["o_train"]["dn"]["pad"] == 0:
+        logging_only += [k for k in m if k.startswith("tgt_")]
+    for key in logging_only:
+        assert not torch.as_tensor(m[key]).requires_grad, f"{key} must carry no gradient (spec §5.2 / §3.6)"
+    weights = oracle.oracle_weight_dict(r["cfg"])
+    assert dict(r["criterion"].weight_dict) == weights, "weight dict differs from spec §5.4"
+    assert_close(weighted_total(m, weights), oracle.oracle_total_loss(o, r["cfg"]), "weighted total",
+                 tol(r, "loss"))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_eval_mode_criterion_matches_oracle(name):
+    r = run_case(name)
+    m, o = r["m_eval_losses"], r["o_eval_losses"]
+    assert set(m) == set(o), f"eval loss keys: extra {sorted(set(m) - set(o))}, missing {sorted(set(o) - set(m))}"
+    for key in sorted(o):
+        assert_close(m[key], o[key], f"eval-mode loss {key}", tol(r, "loss"))
+        if key.startswith("tgt_"):
+            assert not torch.as_tensor(m[key]).requires_grad, f"{key} must be a constant at eval (§3.6)"
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "no_dn_patterns2"])
+def test_eval_mode_criterion_ignores_dn_predictions(name):
+    """§3.6: DN losses only when the criterion is in training mode; otherwise constant zeros."""
+    r = run_case(name)
+    criterion = r["criterion"]
+    criterion.eval()
+    try:
+        with torch.no_grad():
+            losses = criterion(r["m_train"], r["targets"])
+    finally:
+        criterion.train()
+    expected = oracle.oracle_losses(r["o_train"], r["targets"], r["cfg"], training=False)
+    assert set(losses) == set(expected)
+    for key in sorted(expected):
+        assert_close(losses[key], expected[key], f"eval-mode criterion on training outputs: {key}", tol(r, "loss"))
+
+
+GRAD_NAMES = ["refpoint_embed.weight", "label_enc.weight", "transformer.decoder.bbox_embed.layers.0.weight",
+              "backbone.0.body.layer4.1.conv2.weight"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradients_match_oracle(name):
+    r = run_case(name)
+    grads_m, grads_o = r["m_grads"], r["o_grads"]
+    assert set(grads_m) == set(grads_o)
+    scale = {n: float(g.abs().max()) for n, g in grads_o.items() if g is not None}
+    for n in GRAD_NAMES:
+        assert grads_m[n] is not None, f"no gradient reached {n}"
+        assert_close(grads_m[n], grads_o[n], f"grad {n}", tol(r, "loss") * max(1.0, scale[n]))
+    bad = []
+    for n in sorted(grads_o):
+        go, gm = grads_o[n], grads_m[n]
+        if go is None or float(go.abs().max()) == 0.0:
+            if gm is not None and float(gm.abs().max()) != 0.0:
+                bad.append(f"{n} (oracle has no gradient)")
+            continue
+        if gm is None:
+            bad.append(f"{n} (model has no gradient)")
+            continue
+        d = float((gm.double() - go).abs().max())
+        if d > tol(r, "loss") * max(1.0, scale[n]):
+            bad.append(f"{n} (max |diff| {d:.2e}, max |grad| {scale[n]:.2e})")
+    assert not bad, "gradients differ from the spec oracle: " + "; ".join(bad)
+
+
+def test_dn_noise_follows_appendix_b_rng_order():
+    """Seeded default-noise forward: the model's noised labels/boxes equal the Appendix-B draws."""
+    r = run_case("f32_noise")
+    meta = r["m_train"]["dn_meta"]
+    labels, boxes = r["o_noise"]
+    clean = torch.cat([t["labels"] for t in r["targets"]]).repeat(r["cfg"].scalar)
+    assert bool((labels != clean).any()), "the seed should flip at least one label"
+    assert meta.noised_labels.tolist() == labels.tolist(), "label noise draws differ from Appendix B order"
+    assert_close(meta.noised_boxes, boxes, "noised boxes (Appendix B)", 1e-6)
