@@ -51,6 +51,9 @@ class HungarianMatcher(nn.Module):
             self.cost_matrix(out["pred_logits"].flatten(0, 1), out["pred_boxes"].flatten(0, 1), tgt_labels, tgt_boxes)
             for out in layer_outputs
         ]).view(len(layer_outputs), batch, num_queries, -1).cpu()  # [L, B, Q, N]
+        # Non-finite predictions still get an assignment; their non-finite loss then stops training
+        # with a clear message instead of a solver error here.
+        costs = torch.nan_to_num(costs, nan=1e8, posinf=1e8, neginf=-1e8)
         matches = []
         for layer_costs in costs:
             indices = []

@@ -1,0 +1,133 @@
+"""One training epoch and one COCO evaluation pass."""
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import torch
+
+from datasets.coco_eval import CocoEvaluator
+from util.distributed import is_main_process, reduce_dict
+from util.metric_logger import MetricLogger, SmoothedValue
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops before the weights are corrupted."""
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision context: float16 on CUDA, bfloat16 elsewhere; a no-op when disabled."""
+    if not enabled:
+        return nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def move_targets(targets, device: torch.device):
+    return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+
+
+def weighted_loss(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]) -> torch.Tensor:
+    return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+
+def _log_losses(metric_logger: MetricLogger, loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]):
+    """Log the weighted total, every weighted term and every raw term (``*_unscaled``), averaged across processes."""
+    reduced = reduce_dict(loss_dict)
+    scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
+    unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
+    total = sum(scaled.values())
+    metric_logger.update(loss=total, **scaled, **unscaled)
+    if "class_error" in reduced:
+        metric_logger.update(class_error=reduced["class_error"])
+    return total, scaled, unscaled
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, max_norm: float = 0,
+                    scaler: Optional[torch.amp.GradScaler] = None, amp: bool = False, max_iters: Optional[int] = None,
+                    print_freq: int = 10, logger=None) -> Dict[str, float]:
+    """Train for one epoch; returns the epoch averages of every logged meter.
+
+    Raises :class:`NonFiniteLossError` naming the epoch, step and loss terms if the loss (averaged
+    over processes, so every process stops together) is not finite.
+    """
+    model.train()
+    criterion.train()
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    header = f"Epoch: [{epoch}]"
+    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header, logger=logger)):
+        samples = samples.to(device, non_blocking=True)
+        targets = move_targets(targets, device)
+        with autocast(device, amp):
+            outputs = model(samples, targets)
+            loss_dict = criterion(outputs, targets)
+        losses = weighted_loss(loss_dict, criterion.weight_dict)
+
+        total, scaled, unscaled = _log_losses(metric_logger, loss_dict, criterion.weight_dict)
+        if not math.isfinite(total.item()):
+            terms = {k: round(v.item(), 4) for k, v in unscaled.items()}
+            raise NonFiniteLossError(f"loss is {total.item()} at epoch {epoch}, step {step}; loss terms: {terms}")
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(losses).backward()
+            scaler.unscale_(optimizer)
+        else:
+            losses.backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        if max_iters is not None and step + 1 >= max_iters:
+            break
+
+    metric_logger.synchronize_between_processes()
+    if logger is not None:
+        logger.info(f"Averaged stats: {metric_logger}")
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
+             base_ds, device: torch.device, amp: bool = False, max_iters: Optional[int] = None,
+             results_file: Optional[Path] = None, print_freq: int = 10, logger=None):
+    """COCO bbox evaluation; returns (stats, evaluator) where ``stats["coco_eval_bbox"]`` holds the 12
+    COCO numbers. With ``results_file`` the detections are written there as a COCO results JSON."""
+    model.eval()
+    criterion.eval()
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
+    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, "Test:", logger=logger)):
+        samples = samples.to(device, non_blocking=True)
+        targets = move_targets(targets, device)
+        with autocast(device, amp):
+            outputs = model(samples)
+            loss_dict = criterion(outputs, targets)
+        _log_losses(metric_logger, loss_dict, criterion.weight_dict)
+        orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
+        results = postprocessors["bbox"](outputs, orig_target_sizes)
+        coco_evaluator.update({int(t["image_id"].item()): r for t, r in zip(targets, results)})
+        if max_iters is not None and step + 1 >= max_iters:
+            break
+
+    metric_logger.synchronize_between_processes()
+    if logger is not None:
+        logger.info(f"Averaged stats: {metric_logger}")
+    coco_evaluator.synchronize_between_processes()
+    coco_evaluator.accumulate()
+    coco_evaluator.summarize()
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats["coco_eval_bbox"] = coco_evaluator.coco_eval["bbox"].stats.tolist()
+    if results_file is not None and is_main_process():
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(coco_evaluator.results()))
+    return stats, coco_evaluator
