@@ -48,6 +48,8 @@ class Backbone(nn.Module):
     def __init__(self, name: str, train_backbone: bool, return_layers: List[str], dilation: bool,
                  norm_layer: str = "FrozenBatchNorm2d", pretrained: bool = True):
         super().__init__()
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"--dilation (DC5) needs a bottleneck ResNet (resnet50/resnet101), not {name}")
         resnet = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm_layer])
         if pretrained:

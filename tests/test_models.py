@@ -121,6 +121,8 @@ def test_unsupported_flags_are_clear_errors():
         build_model(tiny_args("dn_dab_deformable_detr", "--num_patterns", "3"))
     with pytest.raises(ValueError, match="--num_feature_levels"):
         build_model(tiny_args("dn_dab_deformable_detr", "--num_feature_levels", "2"))
+    with pytest.raises(ValueError, match="--dilation"):
+        build_model(tiny_args("dn_dab_detr", "--dilation"))
 
 
 def test_models_never_name_a_device():
