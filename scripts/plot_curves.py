@@ -1,0 +1,197 @@
+"""Plot training curves of one or more runs from their ``log.txt`` (one JSON line per epoch, main.py).
+
+    python scripts/plot_curves.py outputs/dn_run outputs/baseline_run --out curves.png
+    python scripts/plot_curves.py outputs/*/ --out curves.png --fields AP AP50 loss tgt_loss_bbox
+    python scripts/plot_curves.py outputs/dn_run outputs/baseline_run --table
+
+Each argument is a run folder (its ``log.txt`` is read) or a log file. Fields: the COCO numbers
+``AP AP50 AP75 APs APm APl AR1 AR10 AR100 ARs ARm ARl`` (from ``test_coco_eval_bbox``, plotted in percent),
+a training term by its name (``loss``, ``tgt_loss_bbox`` -> ``train_<name>``), or any log key as written
+(``test_loss``, ``epoch_time``). Logged loss terms are weighted by their coefficients; ``<name>_unscaled``
+(e.g. ``tgt_loss_bbox_unscaled``) is the raw term. One subplot per field, one line per run, the legend
+names the run folders.
+``--table`` prints a markdown table of a COCO number (``--table_metric``, default AP, in percent) per
+epoch and run. When an epoch appears in several lines (an ``--eval`` line, a restarted run), its later
+lines' values win.
+"""
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util.visualization import palette_color  # noqa: E402
+
+COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+COCO_STATS_KEY = "test_coco_eval_bbox"
+DEFAULT_FIELDS = ["AP", "AP50", "loss"]
+SUBPLOT_SIZE_INCHES = (5.0, 3.5)
+MAX_COLUMNS = 3
+DPI = 100
+
+
+class LogError(ValueError):
+    """A log is missing or unusable; the message names the file."""
+
+
+class Run:
+    """One run's epochs: ``records[epoch]`` is the merged dict of that epoch's log lines."""
+
+    def __init__(self, name: str, log_file: Path, records: Dict[int, dict]):
+        self.name = name
+        self.log_file = log_file
+        self.records = records
+
+    @property
+    def epochs(self) -> List[int]:
+        return sorted(self.records)
+
+    def values(self, field: str) -> Dict[int, float]:
+        """``{epoch: value}`` of ``field`` for the epochs that log it."""
+        return {epoch: value for epoch in self.epochs
+                if (value := field_value(self.records[epoch], field)) is not None}
+
+
+def field_value(record: dict, field: str) -> Optional[float]:
+    """A COCO number (fraction), ``train_<field>`` or the key ``field`` itself, or None if the line lacks it."""
+    if field in COCO_STAT_NAMES:
+        stats = record.get(COCO_STATS_KEY)
+        return float(stats[COCO_STAT_NAMES.index(field)]) if isinstance(stats, list) and len(stats) == 12 else None
+    for key in (f"train_{field}", field):
+        if isinstance(record.get(key), (int, float)):
+            return float(record[key])
+    return None
+
+
+def resolve_log_file(path: Path) -> Path:
+    log_file = path / "log.txt" if path.is_dir() else path
+    if not log_file.is_file():
+        where = f"run folder {path} has no log.txt" if path.is_dir() else f"log file {path} does not exist"
+        raise LogError(f"{where} (main.py writes <output_dir>/log.txt after each epoch)")
+    return log_file
+
+
+def read_log(log_file: Path) -> Dict[int, dict]:
+    """Epoch records of a log; an unparsable last line (a run writing it right now) is ignored."""
+    lines = log_file.read_text().splitlines()
+    records: Dict[int, dict] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                print(f"warning: {log_file}: ignoring the incomplete last line {number}", file=sys.stderr)
+                continue
+            raise LogError(f"{log_file}, line {number}: not a JSON line ({error})") from error
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if isinstance(epoch, int):
+            records.setdefault(epoch, {}).update(record)
+    if not records:
+        raise LogError(f"{log_file} has no epoch records (lines with an integer 'epoch'): has the run finished "
+                       "an epoch yet?")
+    return records
+
+
+def run_names(paths: Sequence[Path]) -> List[str]:
+    """Run folder names (a log file's parent folder); the paths as given where those names repeat."""
+    names = [(p if p.is_dir() else p.parent).resolve().name or str(p) for p in paths]
+    counts = Counter(names)
+    return [str(p) if counts[name] > 1 else name for p, name in zip(paths, names)]
+
+
+def load_runs(paths: Sequence[str]) -> List[Run]:
+    paths = [Path(p) for p in paths]
+    log_files = [resolve_log_file(p) for p in paths]
+    return [Run(name, log_file, read_log(log_file)) for name, log_file in zip(run_names(paths), log_files)]
+
+
+def figure_grid(num_fields: int):
+    columns = min(num_fields, MAX_COLUMNS)
+    rows = math.ceil(num_fields / columns)
+    return rows, columns
+
+
+def plot_runs(runs: Sequence[Run], fields: Sequence[str], out: Path) -> None:
+    """One subplot per field (COCO numbers in percent), one line per run; saved at a fixed size:
+    ``columns * SUBPLOT_SIZE_INCHES[0] * DPI`` by ``rows * SUBPLOT_SIZE_INCHES[1] * DPI`` pixels."""
+    for field in fields:
+        if not any(run.values(field) for run in runs):
+            available = sorted(set().union(*(r.records[r.epochs[-1]] for r in runs)))
+            raise LogError(f"--fields {field}: no run logs it; COCO fields are {' '.join(COCO_STAT_NAMES)}, "
+                           f"log keys of the last epochs: {' '.join(available)}")
+    rows, columns = figure_grid(len(fields))
+    figure, axes = plt.subplots(rows, columns, squeeze=False, dpi=DPI,
+                                figsize=(columns * SUBPLOT_SIZE_INCHES[0], rows * SUBPLOT_SIZE_INCHES[1]))
+    for ax, field in zip(axes.flat, fields):
+        percent = field in COCO_STAT_NAMES
+        for index, run in enumerate(runs):
+            values = run.values(field)
+            if not values:
+                continue
+            ys = [100 * v if percent else v for v in values.values()]
+            ax.plot(list(values), ys, marker="o" if len(values) < 30 else None, markersize=3,
+                    color=[c / 255 for c in palette_color(index)], label=run.name)
+        ax.set_title(f"{field} (%)" if percent else field)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes.flat[len(fields):]:
+        ax.set_visible(False)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=DPI)
+    plt.close(figure)
+
+
+def markdown_table(runs: Sequence[Run], metric: str = "AP") -> str:
+    """``| epoch | run1 | run2 |`` rows of ``metric`` in percent with one decimal; ``-`` where a run lacks it."""
+    values = [run.values(metric) for run in runs]
+    epochs = sorted(set().union(*values))
+    lines = [f"| epoch | {' | '.join(run.name for run in runs)} |", "|---" * (len(runs) + 1) + "|"]
+    for epoch in epochs:
+        cells = [f"{100 * v[epoch]:.1f}" if epoch in v else "-" for v in values]
+        lines.append(f"| {epoch} | {' | '.join(cells)} |")
+    return f"{metric} (%) per epoch\n\n" + "\n".join(lines)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("scripts/plot_curves.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_LOG", help="run folders or log.txt files")
+    parser.add_argument("--out", type=Path, default=None, help="PNG file to write the curves to")
+    parser.add_argument("--fields", nargs="+", default=DEFAULT_FIELDS, help="what to plot, one subplot each")
+    parser.add_argument("--table", action="store_true", help="print a markdown table of --table_metric per epoch")
+    parser.add_argument("--table_metric", default="AP", choices=COCO_STAT_NAMES)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.out is None and not args.table:
+        parser.error("nothing to do: give --out FILE.png and/or --table")
+    try:
+        runs = load_runs(args.runs)
+        if args.out is not None:
+            plot_runs(runs, args.fields, args.out)
+            print(f"wrote {args.out}")
+    except LogError as error:
+        raise SystemExit(f"plot_curves.py: error: {error}") from None
+    if args.table:
+        print(markdown_table(runs, args.table_metric))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Drawing helpers shared by ``inference.py``, ``scripts/visualize_dn.py`` and ``scripts/plot_curves.py``:
+a colour palette, labelled (optionally dashed) boxes drawn with PIL, and class names.
+
+Class names come from a COCO annotation file's ``categories``, or from the built-in COCO-2017 table
+(the 80 names at their ids in the 91-logit layout) for 91-class models; any other id is shown as
+``"class N"``.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from PIL import Image, ImageDraw, ImageFont
+
+RGB = Tuple[int, int, int]
+
+# Distinct, saturated colours (matplotlib's tab10 followed by a few more); indexed modulo its length.
+PALETTE: Tuple[RGB, ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (255, 215, 0), (0, 128, 128), (220, 20, 60), (65, 105, 225), (50, 205, 50), (255, 0, 255),
+)
+
+COCO_NUM_CLASSES = 91
+# COCO 2017 detection categories at their official ids (0 and 10 ids unused: 91 logits in total).
+COCO_CATEGORY_NAMES: Dict[int, str] = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
+    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
+    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear",
+    24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
+    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
+    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle",
+    46: "wine glass", 47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
+    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut",
+    61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet",
+    72: "tv", 73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave",
+    79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
+    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
+}
+
+
+def palette_color(index: int) -> RGB:
+    return PALETTE[index % len(PALETTE)]
+
+
+def category_names_from_annotations(ann_file: Union[str, Path]) -> Dict[int, str]:
+    """``{category id: name}`` of a COCO instances file (a category without a name is ``"class N"``)."""
+    from datasets.coco import read_annotation_json  # here, so that plotting curves does not import torch
+
+    categories = read_annotation_json(ann_file)["categories"]
+    return {c["id"]: str(c.get("name") or f"class {c['id']}") for c in categories if isinstance(c.get("id"), int)}
+
+
+def default_category_names(num_classes: Optional[int]) -> Dict[int, str]:
+    """The COCO-2017 names for a 91-logit model (``None`` means the COCO default), no names otherwise."""
+    return dict(COCO_CATEGORY_NAMES) if num_classes in (None, COCO_NUM_CLASSES) else {}
+
+
+def class_caption(label: int, names: Mapping[int, str]) -> str:
+    return names.get(int(label), f"class {int(label)}")
+
+
+@dataclass(frozen=True)
+class DrawnBox:
+    """One box to draw: corners ``(x0, y0, x1, y1)`` in pixels of the image it is drawn on, a caption
+    written above it and its colour; ``dashed`` outlines it with dashes."""
+
+    box: Tuple[float, float, float, float]
+    caption: str
+    color: RGB
+    dashed: bool = False
+
+
+def detection_boxes(boxes_xyxy: Sequence[Sequence[float]], labels: Sequence[int], scores: Sequence[float],
+                    names: Mapping[int, str]) -> List[DrawnBox]:
+    """Boxes ``[N, 4]`` (xyxy pixels; tensors or lists) with ``"name 0.87"`` captions, coloured by class,
+    lowest score first so that the most confident detections end up on top when drawn."""
+    order = sorted(range(len(scores)), key=lambda i: float(scores[i]))
+    drawn = []
+    for i in order:
+        label = int(labels[i])
+        drawn.append(DrawnBox(tuple(float(v) for v in boxes_xyxy[i]),
+                              f"{class_caption(label, names)} {float(scores[i]):.2f}", palette_color(label)))
+    return drawn
+
+
+def default_line_width(image_size: Tuple[int, int]) -> int:
+    return max(1, round(min(image_size) / 250))
+
+
+def default_font_size(image_size: Tuple[int, int]) -> int:
+    return max(9, round(min(image_size) / 40))
+
+
+def _dashed_line(draw: ImageDraw.ImageDraw, start: Tuple[float, float], end: Tuple[float, float], color: RGB,
+                 width: int) -> None:
+    """Axis-aligned dashed segment: dashes of ``4 * width`` pixels separated by ``3 * width``."""
+    (x0, y0), (x1, y1) = start, end
+    length = abs(x1 - x0) + abs(y1 - y0)
+    dash, period = 4 * width, 7 * width
+    offset = 0.0
+    while offset < length:
+        a, b = offset / max(length, 1e-6), min(offset + dash, length) / max(length, 1e-6)
+        draw.line([(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
+                  fill=color, width=width)
+        offset += period
+
+
+def _text_color(background: RGB) -> RGB:
+    luminance = 0.299 * background[0] + 0.587 * background[1] + 0.114 * background[2]
+    return (0, 0, 0) if luminance > 140 else (255, 255, 255)
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[DrawnBox], line_width: Optional[int] = None,
+               font_size: Optional[int] = None) -> Image.Image:
+    """A copy of ``image`` (RGB) with every box outlined and its caption on a filled label above the box
+    (inside it when the box touches the top edge). Widths and font size default to the image size."""
+    canvas = image.convert("RGB")
+    width = line_width or default_line_width(canvas.size)
+    font = ImageFont.load_default(size=font_size or default_font_size(canvas.size))
+    draw = ImageDraw.Draw(canvas)
+    for drawn in boxes:
+        x0, y0, x1, y1 = drawn.box
+        if drawn.dashed:
+            corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+            for start, end in zip(corners[:-1], corners[1:]):
+                _dashed_line(draw, start, end, drawn.color, width)
+        else:
+            draw.rectangle([x0, y0, x1, y1], outline=drawn.color, width=width)
+        if not drawn.caption:
+            continue
+        left, top, right, bottom = draw.textbbox((0, 0), drawn.caption, font=font)
+        text_w, text_h = right - left + 2, bottom - top + 2
+        label_y = y0 - text_h if y0 - text_h >= 0 else y0
+        draw.rectangle([x0, label_y, x0 + text_w, label_y + text_h], fill=drawn.color)
+        draw.text((x0 + 1 - left, label_y + 1 - top), drawn.caption, fill=_text_color(drawn.color), font=font)
+    return canvas
