@@ -17,6 +17,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.coco_eval import COCO_STAT_NAMES
 from engine import evaluate, train_one_epoch
 from models import build_model
 from util.checkpoint import load_checkpoint, save_checkpoint
@@ -138,21 +139,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Flags that define the network; a checkpoint's recorded values fill in the ones not given explicitly.
-MODEL_FLAGS = (
+# Flags that define the network and the image size it was trained for; a checkpoint's recorded values
+# fill in the ones not given explicitly.
+CHECKPOINT_FLAGS = (
     "modelname", "num_classes", "backbone", "dilation", "batch_norm_type", "position_embedding", "pe_temperatureH",
     "pe_temperatureW", "enc_layers", "dec_layers", "dim_feedforward", "hidden_dim", "nheads", "num_queries",
     "pre_norm", "transformer_activation", "num_patterns", "num_feature_levels", "enc_n_points", "dec_n_points",
+    "val_scale", "max_size",
 )
 
 
 def adopt_checkpoint_model_args(args: argparse.Namespace, checkpoint_args, logger) -> None:
-    """Take the network flags a checkpoint was trained with where neither the command line nor a config
-    set them (they still hold the parser default), so ``--eval --resume CKPT`` rebuilds that network."""
+    """Take the ``CHECKPOINT_FLAGS`` a checkpoint was trained with where neither the command line nor a
+    config set them (they still hold the parser default), so ``--eval --resume CKPT`` rebuilds that
+    network and feeds it images of the size it was trained for."""
     if not checkpoint_args:
         return
     defaults = get_args_parser()
-    for flag in MODEL_FLAGS:
+    for flag in CHECKPOINT_FLAGS:
         if flag not in checkpoint_args or getattr(args, flag) != defaults.get_default(flag):
             continue
         recorded = checkpoint_args[flag]
@@ -308,9 +312,6 @@ def main(args: argparse.Namespace) -> None:
     if writer is not None:
         writer.close()
     logger.info(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start_time))}")
-
-
-COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
 def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args: argparse.Namespace) -> dict:

@@ -20,6 +20,8 @@ from pycocotools.cocoeval import COCOeval
 from util.distributed import all_gather
 
 SUPPORTED_IOU_TYPES = ("bbox",)
+# The 12 numbers of COCOeval.stats, in order.
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 def detections_to_coco_results(predictions: Dict[int, Dict[str, torch.Tensor]]) -> List[dict]:

@@ -29,9 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from datasets.coco_eval import COCO_STAT_NAMES  # noqa: E402
 from util.visualization import palette_color  # noqa: E402
 
-COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 COCO_STATS_KEY = "test_coco_eval_bbox"
 DEFAULT_FIELDS = ["AP", "AP50", "loss"]
 SUBPLOT_SIZE_INCHES = (5.0, 3.5)
