@@ -17,15 +17,10 @@ writes the figures as JSON.
 Usage: ``python scripts/benchmark_msda.py [--device cuda] [--iters 5] [--out msda.json]``
 """
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import json
-import platform
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.ops import MSDeformAttn, ms_deform_attn_core  # noqa: E402
+from util.benchmarking import PeakMemory, device_name, timed_runs_ms  # noqa: E402
 
 CASES = ("core/decoder", "core/encoder", "module/decoder", "module/encoder")
 
@@ -66,74 +62,6 @@ def level_shapes(image_height: int, image_width: int, num_levels: int):
         shapes.append((height, width))
         height, width = -(-height // 2), -(-width // 2)
     return shapes
-
-
-class PeakMemory:
-    """Peak memory above the current usage during a block: CUDA allocator stats, else the process RSS."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.exact = True
-        self.peak_bytes = 0
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            self._return_free_heap_to_os()
-            self.exact = self._reset_rss_high_water_mark()
-            self.start = self._rss_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start
-        else:
-            peak = self._rss_bytes("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            self.peak_bytes = max(peak - self.start, 0)
-        return False
-
-    @staticmethod
-    def _return_free_heap_to_os():
-        """glibc keeps freed blocks mapped; reusing them would hide the step's allocations from the RSS."""
-        libc_name = ctypes.util.find_library("c")
-        if libc_name is None:
-            return
-        try:
-            ctypes.CDLL(libc_name).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-    @staticmethod
-    def _reset_rss_high_water_mark() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
-            return True
-        except OSError:
-            return False
-
-    @staticmethod
-    def _rss_bytes(field: str) -> int:
-        try:
-            with open("/proc/self/status") as handle:
-                for line in handle:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def make_case(name: str, args, shapes, device, dtype):
@@ -202,19 +130,6 @@ def _pixel_centres(height: int, width: int) -> torch.Tensor:
     return torch.stack([cols.reshape(-1), rows.reshape(-1)], -1)  # [H*W, 2] (x, y)
 
 
-def median_ms(step, with_backward, device, warmup, iters):
-    for _ in range(warmup):
-        step(with_backward)
-    synchronize(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step(with_backward)
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def main():
     args = parse_args()
     device = torch.device(args.device)
@@ -230,14 +145,14 @@ def main():
         clear_grads()
         with PeakMemory(device) as peak:
             step(True)
-        backward_ms = median_ms(step, True, device, args.warmup, args.iters)
-        forward_ms = median_ms(step, False, device, args.warmup, args.iters)
+        backward_ms = statistics.median(timed_runs_ms(lambda: step(True), device, args.warmup, args.iters))
+        forward_ms = statistics.median(timed_runs_ms(lambda: step(False), device, args.warmup, args.iters))
         results.append({"case": name, "queries": num_queries, "values": num_values, "fwd_bwd_ms": backward_ms,
                         "fwd_ms": forward_ms, "peak_mib": peak.peak_bytes / 2 ** 20, "peak_exact": peak.exact})
         del step, clear_grads
         gc.collect()
 
-    config = {"device": str(device), "device_name": _device_name(device), "dtype": args.dtype,
+    config = {"device": str(device), "device_name": device_name(device), "dtype": args.dtype,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
               "level_shapes": shapes, "heads": args.heads, "head_dim": args.head_dim, "points": args.points,
               "iters": args.iters, "warmup": args.warmup}
@@ -255,12 +170,6 @@ def main():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"config": config, "results": results}, indent=2))
         print(f"\nwrote {args.out}")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()})"
 
 
 if __name__ == "__main__":
