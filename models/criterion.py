@@ -33,13 +33,16 @@ class SetCriterion(nn.Module):
         self.aux_loss = aux_loss
         self.log_xy_hw = log_xy_hw
 
-    def layer_losses(self, outputs: Dict[str, torch.Tensor], targets, indices: MatchIndices,
-                     num_boxes: torch.Tensor, log: bool) -> Dict[str, torch.Tensor]:
-        """Classification, box and cardinality terms of one decoder layer."""
+    def layer_losses(self, outputs: Dict[str, torch.Tensor], match: torch.Tensor, tgt_labels: torch.Tensor,
+                     tgt_boxes: torch.Tensor, target_lengths: torch.Tensor, num_boxes: torch.Tensor,
+                     log: bool) -> Dict[str, torch.Tensor]:
+        """Classification, box and cardinality terms of one decoder layer.
+
+        ``match [3, M]`` holds the image, query and batch-wide target index of every matched pair.
+        """
         logits = outputs["pred_logits"].float()  # [B, Q, C]
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
-        query_idx = torch.cat([src for src, _ in indices]).to(logits.device)
-        matched_labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)])
+        batch_idx, query_idx, target_idx = match
+        matched_labels = tgt_labels[target_idx]
 
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, query_idx] = matched_labels
@@ -48,39 +51,55 @@ class SetCriterion(nn.Module):
             losses["class_error"] = 100 - accuracy(logits[batch_idx, query_idx], matched_labels)[0]
 
         src_boxes = outputs["pred_boxes"][batch_idx, query_idx].float()
-        target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)])
-        box_losses = box_regression_losses(src_boxes, target_boxes, num_boxes)
+        box_losses = box_regression_losses(src_boxes, tgt_boxes[target_idx], num_boxes)
         if not self.log_xy_hw:
             box_losses = {k: box_losses[k] for k in ("loss_bbox", "loss_giou")}
         losses.update(box_losses)
-        losses["cardinality_error"] = self.cardinality_error(logits, targets)
+        losses["cardinality_error"] = self.cardinality_error(logits, target_lengths)
         return losses
 
+    @staticmethod
     @torch.no_grad()
-    def cardinality_error(self, logits: torch.Tensor, targets) -> torch.Tensor:
+    def cardinality_error(logits: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
         """|#predictions whose arg-max is not the last class - #objects|, a DETR log-only leftover."""
-        target_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
         card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
         return F.l1_loss(card_pred.float(), target_lengths.float())
+
+    @staticmethod
+    def flatten_matches(all_indices: List[MatchIndices], sizes: List[int], device) -> torch.Tensor:
+        """Every layer's matches as (image, query, batch-wide target) -> ``[L, 3, M]``, on ``device`` in one copy.
+
+        ``M`` is the same for every layer: each target is matched once (``min(Q, n_b)`` per image).
+        """
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        per_layer = [torch.stack([
+            torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]),
+            torch.cat([src for src, _ in indices]),
+            torch.cat([tgt + offset for (_, tgt), offset in zip(indices, offsets)]),
+        ]) for indices in all_indices]
+        return torch.stack(per_layer).to(device, non_blocking=True)
 
     def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         layer_outputs = (outputs.get("aux_outputs", []) + [outputs]) if self.aux_loss else [outputs]
         suffixes = layer_loss_suffixes(len(layer_outputs), aux_loss=True)
-        all_indices = self.matcher.match_layers(layer_outputs, targets)
+        device = outputs["pred_logits"].device
+        sizes = [len(t["labels"]) for t in targets]
+        matches = self.flatten_matches(self.matcher.match_layers(layer_outputs, targets), sizes, device)
+        tgt_labels = torch.cat([t["labels"] for t in targets])
+        tgt_boxes = torch.cat([t["boxes"] for t in targets])
+        target_lengths = torch.as_tensor(sizes, dtype=torch.float32).to(device, non_blocking=True)  # [B]
 
         # Average number of target boxes across processes, for normalisation.
-        num_boxes = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)),
-                                    device=outputs["pred_logits"].device)
-        num_boxes = all_reduce_mean(num_boxes).clamp(min=1)
+        num_boxes = all_reduce_mean(target_lengths.sum()).clamp(min=1)
 
         losses = {}
-        for layer_out, indices, suffix in zip(layer_outputs, all_indices, suffixes):
-            layer_losses = self.layer_losses(layer_out, targets, indices, num_boxes, log=suffix == "")
+        for layer_out, match, suffix in zip(layer_outputs, matches, suffixes):
+            layer_losses = self.layer_losses(layer_out, match, tgt_labels, tgt_boxes, target_lengths, num_boxes,
+                                             log=suffix == "")
             losses.update({name + suffix: value for name, value in layer_losses.items()})
         if self.use_dn:
             dn_meta = outputs.get("dn_meta") if self.training else None
-            losses.update(compute_dn_loss(dn_meta, self.num_decoder_layers, self.aux_loss, self.focal_alpha,
-                                          outputs["pred_logits"].device))
+            losses.update(compute_dn_loss(dn_meta, self.num_decoder_layers, self.aux_loss, self.focal_alpha, device))
         return losses
 
 

@@ -29,8 +29,8 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+    def forward(self, src, pos, reference_points, spatial_shapes, padding_mask):
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, input_padding_mask=padding_mask)
         src = self.norm1(src + self.dropout1(attended))
         src = self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(src))))))
         return src
@@ -51,13 +51,12 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                memory_padding_mask, self_attn_mask):
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, memory_padding_mask, self_attn_mask):
         q = k = tgt + query_pos
         attended = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
-        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                                   memory_padding_mask)
+        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
+                                   input_padding_mask=memory_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attended))
         tgt = self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(F.relu(self.linear1(tgt))))))
         return tgt
@@ -84,11 +83,11 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points = torch.cat(points, 1)  # [B, S, 2]
         return reference_points[:, :, None] * valid_ratios[:, None]  # [B, S, L, 2]
 
-    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask):
+    def forward(self, src, spatial_shapes, valid_ratios, pos, padding_mask):
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
         output = src
         for layer in self.layers:
-            output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            output = layer(output, pos, reference_points, spatial_shapes, padding_mask)
         return output
 
 
@@ -102,8 +101,8 @@ class DeformableTransformerDecoder(nn.Module):
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.bbox_embed: Optional[nn.ModuleList] = None  # the detector's per-layer box heads, attached later
 
-    def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
-                memory_padding_mask, self_attn_mask):
+    def forward(self, tgt, reference_points, memory, spatial_shapes, valid_ratios, memory_padding_mask,
+                self_attn_mask):
         """``tgt [B, Q, D]``, ``reference_points [B, Q, 4]`` (sigmoid space) -> layer outputs ``[L, B, Q, D]``
         and the detached references each layer's heads refine ``[L, B, Q, 4]`` (the first is the input)."""
         d_model = tgt.shape[-1]
@@ -115,8 +114,8 @@ class DeformableTransformerDecoder(nn.Module):
             raw_query_pos = self.ref_point_head(anchor_sine_embedding(reference_input[:, :, 0, :], d_model // 2))
             query_pos = raw_query_pos if layer_id == 0 else self.query_scale(output) * raw_query_pos
 
-            output = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index,
-                           memory_padding_mask, self_attn_mask)
+            output = layer(output, query_pos, reference_input, memory, spatial_shapes, memory_padding_mask,
+                           self_attn_mask)
 
             reference_points = (self.bbox_embed[layer_id](output) + inverse_sigmoid(reference_points)).sigmoid().detach()
             intermediate.append(output)
@@ -174,16 +173,13 @@ class DeformableTransformer(nn.Module):
             pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
             for level, pos in enumerate(pos_embeds)
         ], 1)  # [B, S, D]
-        level_sizes = torch.as_tensor([h * w for h, w in spatial_shapes])
-        level_start_index = (torch.cumsum(level_sizes, 0) - level_sizes).to(src_flatten.device)
         valid_ratios = torch.stack([self.valid_ratios(mask) for mask in masks], 1)  # [B, L, 2]
 
-        memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios,
-                              lvl_pos_embed_flatten, mask_flatten)
+        memory = self.encoder(src_flatten, spatial_shapes, valid_ratios, lvl_pos_embed_flatten, mask_flatten)
 
         tgt, refpoints_logit = query_embeds[..., :self.d_model], query_embeds[..., self.d_model:]
-        return self.decoder(tgt, refpoints_logit.sigmoid(), memory, spatial_shapes, level_start_index,
-                            valid_ratios, mask_flatten, attn_mask)
+        return self.decoder(tgt, refpoints_logit.sigmoid(), memory, spatial_shapes, valid_ratios, mask_flatten,
+                            attn_mask)
 
 
 def build_deformable_transformer(args) -> DeformableTransformer:

@@ -71,8 +71,8 @@ class PositionEmbeddingLearned(nn.Module):
 
 def anchor_sine_embedding(boxes: torch.Tensor, num_feats: int = 128, temperature: float = 10000) -> torch.Tensor:
     """Sine embedding of anchor boxes ``[..., 4]`` (x, y, w, h in [0, 1]) -> ``[..., 4F]`` ordered y, x, w, h."""
-    scaled = boxes * (2 * math.pi)
-    x, y, w, h = (_sine_features(scaled[..., i], num_feats, temperature) for i in range(4))
+    features = _sine_features(boxes * (2 * math.pi), num_feats, temperature)  # [..., 4, F]
+    x, y, w, h = features.unbind(-2)
     return torch.cat((y, x, w, h), dim=-1)
 
 
