@@ -38,12 +38,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     # model selection and denoising
     parser.add_argument("-m", "--modelname", type=str, default="dn_dab_detr",
                         choices=["dn_dab_detr", "dn_dab_deformable_detr"])
-    parser.add_argument("--use_dn", action="store_true", help="train with denoising queries")
+    parser.add_argument("--use_dn", action=argparse.BooleanOptionalAction, default=False,
+                        help="train with denoising queries (--no-use_dn overrides a config's True)")
     parser.add_argument("--scalar", type=int, default=5, help="number of denoising groups")
     parser.add_argument("--label_noise_scale", type=float, default=0.2, help="label flip probability")
     parser.add_argument("--box_noise_scale", type=float, default=0.4, help="box noise scale lambda")
     parser.add_argument("--num_patterns", type=int, default=0, help="pattern embeddings (dn_dab_detr)")
-    parser.add_argument("--random_refpoints_xy", action="store_true",
+    parser.add_argument("--random_refpoints_xy", action=argparse.BooleanOptionalAction, default=False,
                         help="initialise anchor x,y uniformly at random (they still train, as officially)")
 
     # optimisation
@@ -61,11 +62,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     # backbone
     parser.add_argument("--backbone", type=str, default="resnet50",
                         choices=["resnet18", "resnet34", "resnet50", "resnet101"])
-    parser.add_argument("--dilation", action="store_true", help="DC5: dilate the last ResNet stage")
+    parser.add_argument("--dilation", action=argparse.BooleanOptionalAction, default=False,
+                        help="DC5: dilate the last ResNet stage")
     parser.add_argument("--batch_norm_type", type=str, default="FrozenBatchNorm2d",
                         choices=["FrozenBatchNorm2d", "BatchNorm2d", "SyncBatchNorm"],
                         help="backbone normalisation (official checkpoints use FrozenBatchNorm2d)")
-    parser.add_argument("--no_pretrained_backbone", action="store_true",
+    parser.add_argument("--no_pretrained_backbone", action=argparse.BooleanOptionalAction, default=False,
                         help="do not load torchvision ImageNet weights into the backbone")
     parser.add_argument("--position_embedding", type=str, default="sine", choices=["sine", "learned"])
     parser.add_argument("--pe_temperatureH", type=int, default=20)
@@ -79,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--nheads", type=int, default=8)
     parser.add_argument("--num_queries", type=int, default=300)
-    parser.add_argument("--pre_norm", action="store_true",
+    parser.add_argument("--pre_norm", action=argparse.BooleanOptionalAction, default=False,
                         help="dn_dab_detr: add a final encoder LayerNorm (the official meaning of the flag)")
     parser.add_argument("--transformer_activation", type=str, default="prelu",
                         choices=["relu", "gelu", "prelu", "selu"])
@@ -128,7 +130,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval", action="store_true", help="evaluate only")
     parser.add_argument("--save_results", action="store_true", help="write detections as COCO results JSON")
     parser.add_argument("--debug", action="store_true", help="run a few iterations per epoch only")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (autocast + GradScaler)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                        help="mixed precision: float16 autocast + GradScaler on CUDA, bfloat16 autocast on CPU")
     parser.add_argument("--find_unused_params", action="store_true")
 
     # distributed

@@ -50,6 +50,7 @@ class SyntheticConfig:
     min_visible: float = 0.85  # an object keeps at least this fraction of its pixels when later ones overlap it
     max_distractors: int = 0  # unannotated clutter shapes per image
     colour_jitter: float = 0.0  # per-object, per-channel colour offset std, fraction of 255
+    class_colours: bool = False  # paint each class in its own palette colour (colour becomes a cue besides shape)
     noise_std: float = 4.0  # per-pixel Gaussian noise std (0..255 scale)
     background_low: int = 20  # background colour range (0..255): low contrast when it overlaps the palette
     background_high: int = 100
@@ -164,8 +165,12 @@ class _Scene:
         self.image = _background(rng, config, width, height)  # [H, W, 3] float32
         self.objects: List[_Annotated] = []
 
-    def _colour(self) -> np.ndarray:
-        colour = PALETTE[self.rng.integers(len(PALETTE))]
+    def _colour(self, category_id: Optional[int] = None) -> np.ndarray:
+        """A palette colour: the class's own with ``class_colours`` (for annotated shapes), else a random one."""
+        if self.config.class_colours and category_id is not None:
+            colour = PALETTE[list(CATEGORIES).index(category_id)]
+        else:
+            colour = PALETTE[self.rng.integers(len(PALETTE))]
         if self.config.colour_jitter > 0:
             colour = colour + self.rng.normal(0, 255 * self.config.colour_jitter, size=3).astype(np.float32)
         return np.clip(colour, 0, 255)
@@ -179,8 +184,8 @@ class _Scene:
         angle = self.rng.uniform(-0.35, 0.35) if shape == "rectangle" else self.rng.uniform(0, 2 * np.pi)
         return _shape_mask(shape, centre, radii, angle, self.width, self.height)
 
-    def _paint(self, mask: np.ndarray) -> None:
-        self.image[mask] = self._colour()
+    def _paint(self, mask: np.ndarray, category_id: Optional[int] = None) -> None:
+        self.image[mask] = self._colour(category_id)
 
     def _accept(self, mask: np.ndarray) -> bool:
         """A new top layer is accepted if it is itself visible enough and leaves every annotated layer
@@ -199,7 +204,7 @@ class _Scene:
             if self._accept(mask):
                 for obj in self.objects:
                     obj.visible &= ~mask
-                self._paint(mask)
+                self._paint(mask, category_id)
                 self.objects.append(_Annotated(category_id, iscrowd, int(mask.sum()), mask.copy()))
                 return
 
@@ -358,9 +363,18 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="easy", choices=sorted(PRESETS))
     for field in dataclasses.fields(SyntheticConfig):
         preset_values = ", ".join(f"{name} {getattr(config, field.name)}" for name, config in PRESETS.items())
-        parser.add_argument(f"--{field.name}", type=type(field.default), default=None,
+        value_type = _parse_bool if isinstance(field.default, bool) else type(field.default)
+        parser.add_argument(f"--{field.name}", type=value_type, default=None,
                             help=f"override the preset's value ({preset_values})")
     return parser
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -17,6 +17,7 @@ writes the figures as JSON.
 Usage: ``python scripts/benchmark_msda.py [--device cuda] [--iters 5] [--out msda.json]``
 """
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -145,8 +146,8 @@ def main():
         clear_grads()
         with PeakMemory(device) as peak:
             step(True)
-        backward_ms = statistics.median(timed_runs_ms(lambda: step(True), device, args.warmup, args.iters))
-        forward_ms = statistics.median(timed_runs_ms(lambda: step(False), device, args.warmup, args.iters))
+        backward_ms = statistics.median(timed_runs_ms(functools.partial(step, True), device, args.warmup, args.iters))
+        forward_ms = statistics.median(timed_runs_ms(functools.partial(step, False), device, args.warmup, args.iters))
         results.append({"case": name, "queries": num_queries, "values": num_values, "fwd_bwd_ms": backward_ms,
                         "fwd_ms": forward_ms, "peak_mib": peak.peak_bytes / 2 ** 20, "peak_exact": peak.exact})
         del step, clear_grads

@@ -16,7 +16,7 @@ import torch
 from models import build_model
 from tests import spec_oracle, spec_oracle_deformable as oracle
 from tests.model_utils import tiny_args
-from tests.test_spec_equivalence import assert_close, make_inputs, oracle_params, randomise_parameters
+from tests.oracle_utils import assert_close, make_inputs, oracle_params, randomise_parameters
 
 NO_NOISE = ["--label_noise_scale", "0", "--box_noise_scale", "0"]
 F64_FORWARD_TOL = 1e-9  # float64 model vs float64 oracle (observed ~2e-15)
