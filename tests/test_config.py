@@ -66,6 +66,14 @@ def test_command_line_overrides_config(config_chain):
     assert parser.get_default("lr_drop") == 10   # the config became the defaults
 
 
+def test_command_line_turns_off_a_switch_the_config_turns_on(config_chain):
+    args = parse_args(get_args_parser(), ["--config", str(config_chain), "--no-dilation"])
+    assert args.dilation is False
+    dn = parse_args(get_args_parser(), ["--config", "configs/dn_dab_detr_r50.py"])
+    baseline = parse_args(get_args_parser(), ["--config", "configs/dn_dab_detr_r50.py", "--no-use_dn"])
+    assert dn.use_dn is True and baseline.use_dn is False
+
+
 def test_no_config_is_plain_argparse():
     args = parse_args(get_args_parser(), ["--epochs", "5"])
     assert args.epochs == 5 and args.lr == 1e-4 and args.config is None

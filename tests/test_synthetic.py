@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import SYNTHETIC_TEST_SETTINGS
-from datasets.synthetic import CATEGORIES, PRESETS, generate_synthetic_coco, make_config
+from datasets.synthetic import CATEGORIES, PALETTE, PRESETS, generate_synthetic_coco, make_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +87,25 @@ def test_boxes_are_tight_around_the_drawn_shape(tmp_path):
         assert np.abs(np.array(found) - np.array(ann["bbox"])).max() <= 1, (img["file_name"], found, ann["bbox"])
         perimeter = 2 * (ann["bbox"][2] + ann["bbox"][3])
         assert abs(shape.sum() - ann["area"]) <= 0.5 * perimeter
+
+
+def test_class_colours_paint_each_class_in_its_own_colour(tmp_path):
+    """With ``class_colours`` the dominant bright colour inside every box is its class's palette colour."""
+    root = generate_synthetic_coco(
+        tmp_path, num_train=30, num_val=0, seed=2, max_objects=1, noise_std=0.0, background_low=0,
+        background_high=0, empty_fraction=0.0, crowd_fraction=0.0, jpeg_quality=100, class_colours=True)
+    data = _load(root, "train")
+    files = {img["id"]: img["file_name"] for img in data["images"]}
+    colour_of_class = {}
+    for ann in data["annotations"]:
+        pixels = np.asarray(Image.open(root / "train2017" / files[ann["image_id"]]).convert("RGB"), dtype=np.int32)
+        x, y, w, h = (int(round(v)) for v in ann["bbox"])
+        inside = pixels[y:y + h, x:x + w].reshape(-1, 3)
+        inside = inside[inside.max(axis=1) > 100]  # the shape, not the black background
+        nearest = np.abs(inside[:, None, :] - PALETTE[None].astype(np.int32)).sum(-1).argmin(1)
+        colour = int(np.bincount(nearest).argmax())
+        assert colour_of_class.setdefault(ann["category_id"], colour) == colour, ann
+    assert len(colour_of_class) >= 4 and len(set(colour_of_class.values())) == len(colour_of_class)
 
 
 def test_presets_differ_in_difficulty(tmp_path):
