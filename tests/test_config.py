@@ -69,8 +69,9 @@ def test_command_line_overrides_config(config_chain):
 def test_command_line_turns_off_a_switch_the_config_turns_on(config_chain):
     args = parse_args(get_args_parser(), ["--config", str(config_chain), "--no-dilation"])
     assert args.dilation is False
-    dn = parse_args(get_args_parser(), ["--config", "configs/dn_dab_detr_r50.py"])
-    baseline = parse_args(get_args_parser(), ["--config", "configs/dn_dab_detr_r50.py", "--no-use_dn"])
+    config = str(Path(__file__).parents[1] / "configs" / "dn_dab_detr_r50.py")
+    dn = parse_args(get_args_parser(), ["--config", config])
+    baseline = parse_args(get_args_parser(), ["--config", config, "--no-use_dn"])
     assert dn.use_dn is True and baseline.use_dn is False
 
 
