@@ -51,7 +51,7 @@ from util.config import parse_args
 from util.logger import setup_logger
 from util.misc import nested_tensor_from_tensor_list
 from util.visualization import (category_names_from_annotations, default_category_names, detection_boxes,
-                                draw_boxes)
+                                draw_boxes, enlarge_for_display)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 RESULTS_FILE = "detections.json"
@@ -69,6 +69,9 @@ def get_inference_parser() -> argparse.ArgumentParser:
                        help="keep detections with score >= this in the drawings and detections.json")
     group.add_argument("--ann_file", type=str, default=None,
                        help="COCO annotation file whose 'categories' name the classes (instead of --coco_path)")
+    group.add_argument("--display_size", type=int, default=640,
+                       help="enlarge drawings of smaller images to this long side so captions stay legible "
+                            "(0: never; detections.json is always in original pixels)")
     return parser
 
 
@@ -256,7 +259,8 @@ def run_inference(args: argparse.Namespace, logger) -> InferenceSummary:
         for item, (boxes, labels, scores) in zip(batch, results):
             keep = scores >= args.threshold
             boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
-            draw_boxes(item.image, detection_boxes(boxes, labels, scores, names)).save(output_dir / item.output_name)
+            shown, scale = enlarge_for_display(item.image, args.display_size)
+            draw_boxes(shown, detection_boxes(boxes * scale, labels, scores, names)).save(output_dir / item.output_name)
             detections.extend(coco_results(item, boxes, labels, scores))
             logger.info(f"{item.path.name}: {len(scores)} detections >= {args.threshold} -> {item.output_name}")
         processed += len(batch)

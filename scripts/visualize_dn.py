@@ -39,7 +39,7 @@ from datasets.transforms import Compose, Normalize, ToTensor  # noqa: E402
 from main import get_args_parser  # noqa: E402
 from models.dn_components import DecoderQueries, DNConfig, DNMeta, dn_attention_mask, prepare_for_dn  # noqa: E402
 from util.box_ops import box_cxcywh_to_xyxy  # noqa: E402
-from util.visualization import DrawnBox, class_caption, draw_boxes, palette_color  # noqa: E402
+from util.visualization import DrawnBox, class_caption, draw_boxes, enlarge_for_display, palette_color  # noqa: E402
 
 EMBED_DIM = 8  # width of the throw-away query content: only the boxes and the mask are shown
 GT_COLOR = (255, 255, 255)
@@ -155,11 +155,6 @@ def render_attention_mask(attn_mask: torch.Tensor, pad_size: int, group_size: in
     return picture
 
 
-def display_scale(image_size: Tuple[int, int], display_size: int) -> float:
-    """Enlargement that brings the long side to ``display_size`` (never shrinks; 0 disables it)."""
-    return max(1.0, display_size / max(image_size)) if display_size > 0 else 1.0
-
-
 def visualize(example: Example, args: argparse.Namespace) -> DNVisualization:
     dn_config = DNConfig(args.scalar, args.label_noise_scale, args.box_noise_scale)
     queries = build_dn_queries(example.labels, example.boxes, example.num_classes, dn_config, args.num_queries,
@@ -168,10 +163,8 @@ def visualize(example: Example, args: argparse.Namespace) -> DNVisualization:
     # prepare_for_dn returns no mask when the image has no object (nothing to hide); it is then all visible.
     attn_mask = (queries.attn_mask if queries.attn_mask is not None
                  else dn_attention_mask(meta.pad_size, meta.group_size, args.num_queries))
-    scale = display_scale(example.image.size, args.display_size)
-    size = (round(example.image.width * scale), round(example.image.height * scale))
-    shown = example.image.resize(size, Image.BICUBIC) if scale > 1 else example.image
-    gt, noised = query_boxes(meta, example.boxes, example.labels, size, example.names)
+    shown, _ = enlarge_for_display(example.image, args.display_size)
+    gt, noised = query_boxes(meta, example.boxes, example.labels, shown.size, example.names)
     return DNVisualization(queries, attn_mask, gt, noised, draw_boxes(shown, gt + noised),
                            render_attention_mask(attn_mask, meta.pad_size, meta.group_size, args.cell_size))
 

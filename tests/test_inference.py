@@ -78,7 +78,7 @@ def test_folder_with_a_corrupt_file_gives_drawings_and_all_topk_detections(train
     ann_file = synthetic_coco / "annotations" / "instances_val2017.json"
     result = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--resume", str(checkpoint),
                              "--images", str(folder), "--output_dir", str(out), "--threshold", "0",
-                             "--ann_file", str(ann_file), "--batch_size", "2", *DATA_FLAGS],
+                             "--ann_file", str(ann_file), "--batch_size", "2", "--display_size", "200", *DATA_FLAGS],
                             cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = result.stdout + result.stderr
@@ -90,8 +90,10 @@ def test_folder_with_a_corrupt_file_gives_drawings_and_all_topk_detections(train
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.stem}.png" for p in image_paths)
     for path, image in zip(image_paths, images):
         with Image.open(out / f"{path.stem}.png") as drawn:
-            assert drawn.size == image.size
-            changed = (np.asarray(drawn.convert("RGB"), dtype=int) - np.asarray(image, dtype=int)) != 0
+            scale = 200 / max(image.size)  # the test images are smaller: enlarged to --display_size
+            assert drawn.size == (round(image.width * scale), round(image.height * scale))
+            enlarged = image.resize(drawn.size, Image.BICUBIC)
+            changed = (np.asarray(drawn.convert("RGB"), dtype=int) - np.asarray(enlarged, dtype=int)) != 0
             assert changed.any(axis=-1).mean() > 0.05  # the boxes and captions are drawn on it
 
     detections = json.loads((out / "detections.json").read_text())

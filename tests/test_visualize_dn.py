@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from models.dn_components import dn_attention_mask
+from util.visualization import display_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("visualize_dn", ROOT / "scripts" / "visualize_dn.py")
@@ -43,7 +44,7 @@ def test_queries_and_mask_pictures_for_the_default_image(synthetic_coco, tmp_pat
     assert f"image id {image['id']}" in printed and f"attention mask shape ({num_rows}, {num_rows})" in printed
 
     with Image.open(out / "dn_queries.png") as queries_png:
-        scale = visualize_dn.display_scale((image["width"], image["height"]), 640)
+        scale = display_scale((image["width"], image["height"]), 640)
         assert queries_png.size == (round(image["width"] * scale), round(image["height"] * scale))
     with Image.open(out / "dn_attention_mask.png") as mask_png:
         assert mask_png.size == (num_rows * cell, num_rows * cell)

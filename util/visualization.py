@@ -70,6 +70,20 @@ class DrawnBox:
     dashed: bool = False
 
 
+def display_scale(image_size: Tuple[int, int], display_size: int) -> float:
+    """Enlargement that brings the long side of a ``(width, height)`` image to ``display_size`` so that
+    captions stay legible on small images (never shrinks; 0 disables it)."""
+    return max(1.0, display_size / max(image_size)) if display_size > 0 else 1.0
+
+
+def enlarge_for_display(image: Image.Image, display_size: int) -> Tuple[Image.Image, float]:
+    """``image`` enlarged by :func:`display_scale` (bicubic) and the scale; boxes must be multiplied by it."""
+    scale = display_scale(image.size, display_size)
+    if scale == 1.0:
+        return image, scale
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC), scale
+
+
 def detection_boxes(boxes_xyxy: Sequence[Sequence[float]], labels: Sequence[int], scores: Sequence[float],
                     names: Mapping[int, str]) -> List[DrawnBox]:
     """Boxes ``[N, 4]`` (xyxy pixels; tensors or lists) with ``"name 0.87"`` captions, coloured by class,
