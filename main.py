@@ -283,11 +283,9 @@ def main(args: argparse.Namespace) -> None:
                                       args.clip_max_norm, scaler=scaler, amp=args.amp, max_iters=debug_iters,
                                       logger=logger)
         lr_drop_epoch = (epoch + 1) % args.lr_drop == 0
-        if output_dir is not None and is_main_process():
+        if lr_drop_epoch and output_dir is not None and is_main_process():
             state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args)
-            save_checkpoint(state, output_dir / "checkpoint.pth")
-            if lr_drop_epoch:
-                save_checkpoint(state, output_dir / f"checkpoint{epoch:04}_beforedrop.pth")
+            save_checkpoint(state, output_dir / f"checkpoint{epoch:04}_beforedrop.pth")
         lr_scheduler.step()
         if output_dir is not None and is_main_process():
             state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args)
