@@ -194,3 +194,15 @@ def test_pretrained_weights_skip_ignored_keys(synthetic_coco, tmp_path):
     info = (out / "info.txt").read_text()
     assert "dropped 3 entries" in info  # class_embed.{weight,bias} and label_enc.weight (11 vs 12 classes)
     assert "unexpected []" in info
+
+
+def test_demo_config_trains_and_evaluates(synthetic_coco, tmp_path):
+    """configs/synthetic.py, exactly as scripts/demo.sh uses it, for one short epoch."""
+    out = tmp_path / "demo"
+    run_main("--config", str(ROOT / "configs" / "synthetic.py"), "--coco_path", str(synthetic_coco),
+             "--output_dir", str(out), "--epochs", "1", "--debug", "--num_workers", "0")
+    config = json.loads((out / "config.json").read_text())
+    assert config["modelname"] == "dn_dab_deformable_detr" and config["use_dn"] is True
+    (line,) = read_log(out)
+    assert len(line["test_coco_eval_bbox"]) == 12 and "train_tgt_loss_bbox" in line
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0
