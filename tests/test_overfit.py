@@ -6,7 +6,6 @@ undo a fresh random box offset that it only sees through its anchor's positional
 noise scales at 0 every loss can go to zero; at the default scales the detection (matching) loss must
 still fall as far as without denoising, and the reconstruction losses must fall substantially.
 """
-import pytest
 import torch
 
 from datasets import build_dataset
