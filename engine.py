@@ -32,6 +32,29 @@ def weighted_loss(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, flo
     return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
 
+def backward(losses: torch.Tensor, scaler: Optional[torch.amp.GradScaler]) -> None:
+    """Backward pass of the weighted loss, scaled by the AMP ``scaler`` when there is one."""
+    if scaler is not None:
+        scaler.scale(losses).backward()
+    else:
+        losses.backward()
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
+                  scaler: Optional[torch.amp.GradScaler]) -> None:
+    """Gradient clipping at ``max_norm`` (0: off) on unscaled gradients, then the optimizer step (through the
+    AMP ``scaler``, which skips steps with non-finite gradients, when there is one)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def _log_losses(metric_logger: MetricLogger, loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]):
     """Log the weighted total, every weighted term and every raw term (``*_unscaled``), averaged across processes."""
     reduced = reduce_dict(loss_dict)
@@ -73,18 +96,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             raise NonFiniteLossError(f"loss is {total.item()} at epoch {epoch}, step {step}; loss terms: {terms}")
 
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(losses).backward()
-            scaler.unscale_(optimizer)
-        else:
-            losses.backward()
-        if max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        backward(losses, scaler)
+        clip_and_step(model, optimizer, max_norm, scaler)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if max_iters is not None and step + 1 >= max_iters:
             break

@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import autocast, weighted_loss  # noqa: E402
+from engine import autocast, backward, clip_and_step, weighted_loss  # noqa: E402
 from main import get_args_parser, resolve_device  # noqa: E402
 from models import build_model  # noqa: E402
 from models.builder import COCO_NUM_CLASSES  # noqa: E402
@@ -188,20 +188,9 @@ def make_train_step(setup: Setup, samples: NestedTensor, targets, device: torch.
         losses = weighted_loss(loss_dict, criterion.weight_dict)
         optimizer.zero_grad(set_to_none=True)
         with record_function(PHASES[2]):
-            if scaler is not None:
-                scaler.scale(losses).backward()
-            else:
-                losses.backward()
+            backward(losses, scaler)
         with record_function(PHASES[3]):
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            clip_and_step(model, optimizer, max_norm, scaler)
 
     return step
 

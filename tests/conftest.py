@@ -1,5 +1,6 @@
-"""Shared fixtures: a small synthetic COCO folder generated once per test session."""
+"""Shared fixtures: a small synthetic COCO folder generated once per test session; one intra-op thread."""
 import pytest
+import torch
 
 from datasets.synthetic import generate_synthetic_coco
 
@@ -11,3 +12,13 @@ def synthetic_coco(tmp_path_factory):
     """Path of a synthetic COCO folder (8 train + 6 val images of 64..128 px, easy preset; at least one
     empty and one crowd image per split); usable as ``--coco_path``. Read-only: copy it to modify it."""
     return generate_synthetic_coco(tmp_path_factory.mktemp("synthetic_coco"), **SYNTHETIC_TEST_SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of many tiny ops (the spec oracles): avoids oversubscription on small
+    CPUs. Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -216,9 +216,9 @@ class ResNetTrunk(torch.nn.Module):
         return r.layer4(r.layer3(r.layer2(r.layer1(x))))
 
 
-def backbone_c5(params, cfg, batch):
-    """C5 of the FrozenBatchNorm2d ResNet, run functionally on the ``backbone.0.body.*`` entries (so that
-    gradients reach those tensors)."""
+def run_backbone(params, cfg, batch, make_trunk):
+    """``make_trunk(resnet)`` (a module holding the FrozenBatchNorm2d ResNet as ``body``) run functionally on
+    the ``backbone.0.body.*`` entries, so that gradients reach those tensors."""
     resnet = torchvision.models.__dict__[cfg.backbone](
         weights=None, norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, cfg.dilation])
     prefix = "backbone.0.body."
@@ -227,8 +227,13 @@ def backbone_c5(params, cfg, batch):
     if set(body) != expected:
         raise AssertionError(f"oracle: backbone keys differ: missing {sorted(expected - set(body))[:5]}, "
                              f"unexpected {sorted(set(body) - expected)[:5]}")
-    trunk = ResNetTrunk(resnet.to(batch.dtype))
+    trunk = make_trunk(resnet.to(batch.dtype))
     return functional_call(trunk, {"body." + k: v for k, v in body.items()}, (batch,))
+
+
+def backbone_c5(params, cfg, batch):
+    """C5 of the FrozenBatchNorm2d ResNet."""
+    return run_backbone(params, cfg, batch, ResNetTrunk)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,9 +29,6 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
-import torchvision
-from torch.func import functional_call
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from tests import spec_oracle as base
 from tests.spec_oracle import inverse_sigmoid, layer_norm, linear, mlp, oracle_dn_noise, sigmoid, softmax_rows
@@ -206,17 +203,8 @@ class ResNetStages(torch.nn.Module):
 
 
 def backbone_stages(params, cfg, batch, stages):
-    """The FrozenBatchNorm2d ResNet run functionally on the ``backbone.0.body.*`` entries."""
-    resnet = torchvision.models.__dict__[cfg.backbone](
-        weights=None, norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, cfg.dilation])
-    prefix = "backbone.0.body."
-    body = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-    expected = {k for k in resnet.state_dict() if not k.startswith("fc.")}
-    if set(body) != expected:
-        raise AssertionError(f"oracle: backbone keys differ: missing {sorted(expected - set(body))[:5]}, "
-                             f"unexpected {sorted(set(body) - expected)[:5]}")
-    trunk = ResNetStages(resnet.to(batch.dtype), stages)
-    return functional_call(trunk, {"body." + k: v for k, v in body.items()}, (batch,))
+    """The outputs of ResNet ``stages`` of the FrozenBatchNorm2d ResNet."""
+    return base.run_backbone(params, cfg, batch, lambda resnet: ResNetStages(resnet, stages))
 
 
 def resize_mask(img_mask, size):

@@ -12,21 +12,18 @@ import functools
 import pytest
 import torch
 
+from engine import weighted_loss
 from main import get_args_parser
-from models import build_model
 from tests import spec_oracle as oracle
-from tests.oracle_utils import assert_close, make_inputs, oracle_params, randomise_parameters
+from tests.oracle_utils import (assert_close, check_detections, check_dn_meta, check_eval_mode_losses, check_gradients,
+                                check_noise_rng_order, check_outputs, run_against_oracle, tol)
 
 TINY = ["--no_pretrained_backbone", "--backbone", "resnet18", "--hidden_dim", "64", "--dim_feedforward", "96",
         "--enc_layers", "2", "--dec_layers", "3", "--num_queries", "12", "--nheads", "4", "--num_classes", "11",
         "--num_select", "40"]
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 NO_NOISE = ["--label_noise_scale", "0", "--box_noise_scale", "0"]
-# Forward tolerance in float64: model and oracle agree to ~1e-15 there.
-F64_FORWARD_TOL = 1e-9
-# The criterion, matcher and post-processor compute in float32 even for a float64 model (observed), so
-# losses, gradients and detections can only be compared at float32 precision (~1e-7 relative observed).
-F64_LOSS_TOL = 1e-6
-F32_TOL = 1e-4
 
 # name -> (flags, seed, GT count per image, image sizes (H, W))
 CASES = {
@@ -47,145 +44,41 @@ CASES = {
 CORNER_BOX_CASE = "dn_prelu_aux_seed1"  # gets CORNER_BOX as an extra GT of image 1
 F32_NOISE_CASE = (["--use_dn", "--scalar", "4"], 6, [3, 1, 2], [(70, 90), (96, 64), (64, 64)])
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The oracle issues thousands of tiny ops; one intra-op thread avoids oversubscription on small CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def build(flags, seed, dtype):
-    args = get_args_parser().parse_args(["-m", "dn_dab_detr"] + TINY + flags)
-    torch.manual_seed(seed)
-    model, criterion, postprocessors = build_model(args)
-    randomise_parameters(model, seed)
-    model.to(dtype)
-    return args, model, criterion, postprocessors
-
-
-def weighted_total(losses, weight_dict):
-    return sum(losses[k] * w for k, w in weight_dict.items() if k in losses)
+ALL = list(CASES) + ["f32_noise"]
 
 
 @functools.lru_cache(maxsize=None)
 def run_case(name):
     """Run model and oracle (eval forward, train forward, losses, backward, post-process) for one case."""
-    if name == "f32_noise":
-        flags, seed, counts, sizes = F32_NOISE_CASE
-        dtype = torch.float32
-    else:
-        flags, seed, counts, sizes = CASES[name]
-        dtype = torch.float64
-    args, model, criterion, postprocessors = build(flags, seed, dtype)
-    cfg = oracle.config_from_args(args)
-    images, targets = make_inputs(seed, counts, sizes, cfg.num_classes, dtype, corner_box=name == CORNER_BOX_CASE)
-    target_sizes = torch.tensor([[h, w] for h, w in sizes], dtype=dtype)
-    params = oracle_params(model, torch.float64)
-    r = {"cfg": cfg, "targets": targets, "dtype": dtype, "sizes": sizes, "criterion": criterion}
-
-    model.eval()
-    with torch.no_grad():
-        r["m_eval"] = model(images)
-        r["m_post"] = postprocessors["bbox"](r["m_eval"], target_sizes)
-        r["o_eval"] = oracle.oracle_forward(params, cfg, images)
-        r["o_post"] = oracle.oracle_postprocess(r["o_eval"], target_sizes.double(), cfg.num_select)
-        criterion.eval()
-        r["m_eval_losses"] = criterion(r["m_eval"], targets)
-        r["o_eval_losses"] = oracle.oracle_losses(r["o_eval"], targets, cfg, training=False)
-
-    model.train()
-    criterion.train()
-    torch.manual_seed(77)
-    r["m_train"] = model(images, targets)
-    r["m_losses"] = criterion(r["m_train"], targets)
-    model.zero_grad()
-    weighted_total(r["m_losses"], criterion.weight_dict).backward()
-    r["m_grads"] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    noised = None
-    if name == "f32_noise":
-        torch.manual_seed(77)
-        r["o_noise"] = oracle.oracle_dn_noise(targets, cfg)
-        noised = r["o_noise"]
-    r["o_train"] = oracle.oracle_forward(params, cfg, images, targets, training=True, noised=noised)
-    r["o_losses"] = oracle.oracle_losses(r["o_train"], targets, cfg, training=True)
-    oracle.oracle_total_loss(r["o_losses"], cfg).backward()
-    r["o_grads"] = {n: p.grad for n, p in params.items() if p.requires_grad}
-    return r
-
-
-def tol(r, kind="forward"):
-    """Tolerance for a forward quantity or for anything the criterion / post-processor computes."""
-    if r["dtype"] != torch.float64:
-        return F32_TOL
-    return F64_FORWARD_TOL if kind == "forward" else F64_LOSS_TOL
-
-
-ALL = list(CASES) + ["f32_noise"]
-
-
-def compare_outputs(model_out, oracle_out, cfg, atol, what):
-    assert_close(model_out["pred_logits"], oracle_out["pred_logits"], f"{what} pred_logits", atol)
-    assert_close(model_out["pred_boxes"], oracle_out["pred_boxes"], f"{what} pred_boxes", atol)
-    model_aux = model_out.get("aux_outputs") or []
-    assert len(model_aux) == len(oracle_out["aux_outputs"]), \
-        f"{what}: {len(model_aux)} aux outputs, spec §2.3 step 9 wants {len(oracle_out['aux_outputs'])}"
-    for i, (m, o) in enumerate(zip(model_aux, oracle_out["aux_outputs"])):
-        assert_close(m["pred_logits"], o["pred_logits"], f"{what} aux {i} pred_logits", atol)
-        assert_close(m["pred_boxes"], o["pred_boxes"], f"{what} aux {i} pred_boxes", atol)
+    flags, seed, counts, sizes = F32_NOISE_CASE if name == "f32_noise" else CASES[name]
+    args = get_args_parser().parse_args(["-m", "dn_dab_detr"] + TINY + flags)
+    return run_against_oracle(
+        oracle, args, seed, counts, sizes, torch.float32 if name == "f32_noise" else torch.float64,
+        oracle_postprocess=lambda out, sizes, cfg: oracle.oracle_postprocess(out, sizes, cfg.num_select),
+        corner_box=name == CORNER_BOX_CASE, oracle_noise=name == "f32_noise")
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_eval_outputs_match_oracle(name):
     r = run_case(name)
     assert r["m_eval"].get("dn_meta") is None, "eval forward must carry no DN meta (spec §2.3 step 9)"
-    compare_outputs(r["m_eval"], r["o_eval"], r["cfg"], tol(r), "eval")
+    check_outputs(r["m_eval"], r["o_eval"], tol(r), "eval", "§2.3 step 9")
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_postprocessed_detections_match_oracle(name):
-    r = run_case(name)
-    for b, (m, o) in enumerate(zip(r["m_post"], r["o_post"])):
-        assert torch.equal(m["labels"].cpu(), o["labels"]), f"image {b}: labels/order differ from spec §5.5"
-        assert_close(m["scores"], o["scores"], f"image {b} scores", tol(r, "loss"))
-        h, w = r["sizes"][b]
-        scale = torch.tensor([w, h, w, h], dtype=torch.float64)
-        assert_close(m["boxes"].double() / scale, o["boxes"] / scale, f"image {b} boxes / (W,H,W,H)", tol(r, "loss"))
+    check_detections(run_case(name))
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_training_outputs_match_oracle(name):
     r = run_case(name)
-    compare_outputs(r["m_train"], r["o_train"], r["cfg"], tol(r), "train")
+    check_outputs(r["m_train"], r["o_train"], tol(r), "train", "§2.3 step 9")
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_dn_meta_matches_oracle(name):
-    r = run_case(name)
-    dn = r["o_train"]["dn"]
-    meta = r["m_train"].get("dn_meta")
-    if not r["cfg"].use_dn:
-        assert meta is None, "without --use_dn the training forward must carry no DN meta (spec §9.3)"
-        return
-    if dn["pad"] == 0:
-        assert meta is None or meta.pad_size == 0, "all-empty batch: pad must be 0 (spec §3.3)"
-        assert meta is None or meta.pred_logits is None, "pad 0: no DN predictions are recorded (spec §3.5)"
-        return
-    entries = dn["entries"]
-    assert meta.pad_size == dn["pad"], f"pad_size {meta.pad_size} vs spec {dn['pad']}"
-    assert meta.num_groups == r["cfg"].scalar
-    assert meta.group_size == dn["n_max"], f"group_size {meta.group_size} vs n_max {dn['n_max']}"
-    assert meta.batch_idx.tolist() == [e["batch"] for e in entries], "DN batch indices (§3.3)"
-    assert meta.query_idx.tolist() == [e["row"] for e in entries], "DN rows g·n_max + t (§3.3 step 5)"
-    assert meta.labels.tolist() == [int(e["label"]) for e in entries], "clean DN labels, group-major"
-    assert_close(meta.boxes, torch.stack([e["box"] for e in entries]), "clean DN boxes", 0)
-    assert meta.noised_labels.tolist() == [int(x) for x in dn["noised_labels"]], "noised DN labels"
-    assert_close(meta.noised_boxes, torch.stack(list(dn["noised_boxes"])), "noised DN boxes", 1e-6)
-    assert_close(meta.pred_logits, r["o_train"]["dn_pred_logits"], "dn_meta.pred_logits", tol(r))
-    assert_close(meta.pred_boxes, r["o_train"]["dn_pred_boxes"], "dn_meta.pred_boxes", tol(r))
+    check_dn_meta(run_case(name))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -203,19 +96,13 @@ def test_every_loss_term_and_total_match_oracle(name):
         assert not torch.as_tensor(m[key]).requires_grad, f"{key} must carry no gradient (spec §5.2 / §3.6)"
     weights = oracle.oracle_weight_dict(r["cfg"])
     assert dict(r["criterion"].weight_dict) == weights, "weight dict differs from spec §5.4"
-    assert_close(weighted_total(m, weights), oracle.oracle_total_loss(o, r["cfg"]), "weighted total",
+    assert_close(weighted_loss(m, weights), oracle.oracle_total_loss(o, r["cfg"]), "weighted total",
                  tol(r, "loss"))
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_eval_mode_criterion_matches_oracle(name):
-    r = run_case(name)
-    m, o = r["m_eval_losses"], r["o_eval_losses"]
-    assert set(m) == set(o), f"eval loss keys: extra {sorted(set(m) - set(o))}, missing {sorted(set(o) - set(m))}"
-    for key in sorted(o):
-        assert_close(m[key], o[key], f"eval-mode loss {key}", tol(r, "loss"))
-        if key.startswith("tgt_"):
-            assert not torch.as_tensor(m[key]).requires_grad, f"{key} must be a constant at eval (§3.6)"
+    check_eval_mode_losses(run_case(name))
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if n != "no_dn_patterns2"])
@@ -241,35 +128,9 @@ GRAD_NAMES = ["refpoint_embed.weight", "label_enc.weight", "transformer.decoder.
 
 @pytest.mark.parametrize("name", ALL)
 def test_gradients_match_oracle(name):
-    r = run_case(name)
-    grads_m, grads_o = r["m_grads"], r["o_grads"]
-    assert set(grads_m) == set(grads_o)
-    scale = {n: float(g.abs().max()) for n, g in grads_o.items() if g is not None}
-    for n in GRAD_NAMES:
-        assert grads_m[n] is not None, f"no gradient reached {n}"
-        assert_close(grads_m[n], grads_o[n], f"grad {n}", tol(r, "loss") * max(1.0, scale[n]))
-    bad = []
-    for n in sorted(grads_o):
-        go, gm = grads_o[n], grads_m[n]
-        if go is None or float(go.abs().max()) == 0.0:
-            if gm is not None and float(gm.abs().max()) != 0.0:
-                bad.append(f"{n} (oracle has no gradient)")
-            continue
-        if gm is None:
-            bad.append(f"{n} (model has no gradient)")
-            continue
-        d = float((gm.double() - go).abs().max())
-        if d > tol(r, "loss") * max(1.0, scale[n]):
-            bad.append(f"{n} (max |diff| {d:.2e}, max |grad| {scale[n]:.2e})")
-    assert not bad, "gradients differ from the spec oracle: " + "; ".join(bad)
+    check_gradients(run_case(name), GRAD_NAMES)
 
 
 def test_dn_noise_follows_appendix_b_rng_order():
     """Seeded default-noise forward: the model's noised labels/boxes equal the Appendix-B draws."""
-    r = run_case("f32_noise")
-    meta = r["m_train"]["dn_meta"]
-    labels, boxes = r["o_noise"]
-    clean = torch.cat([t["labels"] for t in r["targets"]]).repeat(r["cfg"].scalar)
-    assert bool((labels != clean).any()), "the seed should flip at least one label"
-    assert meta.noised_labels.tolist() == labels.tolist(), "label noise draws differ from Appendix B order"
-    assert_close(meta.noised_boxes, boxes, "noised boxes (Appendix B)", 1e-6)
+    check_noise_rng_order(run_case("f32_noise"))
