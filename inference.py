@@ -5,7 +5,7 @@
         --output_dir out --threshold 0.5 --device cuda --batch_size 8
 
 Network flags come from the checkpoint's recorded ``args`` where neither the command line nor ``--config``
-sets them (``main.adopt_checkpoint_model_args``); every ``main.py`` flag is accepted. The backbone's
+sets them (``util.checkpoint.adopt_checkpoint_model_args``); every ``main.py`` flag is accepted. The backbone's
 ImageNet weights are never downloaded (the checkpoint replaces every weight) and the checkpoint is loaded
 strictly. Images get the evaluation transform (short side ``--val_scale``, long side capped at
 ``--max_size``, ImageNet normalisation), are batched ``--batch_size`` at a time, and run in eval mode
@@ -41,17 +41,20 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from PIL import Image
 
+from cli import get_args_parser, warn_ignored_flags
 from datasets import coco_split_paths
+from datasets.coco import category_names_from_annotations
 from datasets.transforms import make_coco_transforms
 from engine import autocast
-from main import adopt_checkpoint_model_args, get_args_parser, resolve_device, strip_ddp_prefix
 from models import build_model
-from util.checkpoint import CheckpointError, load_checkpoint
+from models.builder import resolve_num_classes
+from util.checkpoint import CheckpointError, adopt_checkpoint_model_args, load_checkpoint, strip_ddp_prefix
 from util.config import parse_args
+from util.device import resolve_device
 from util.logger import setup_logger
 from util.misc import nested_tensor_from_tensor_list
-from util.visualization import (category_names_from_annotations, default_category_names, detection_boxes,
-                                draw_boxes, enlarge_for_display)
+from util.coco_categories import default_category_names
+from util.visualization import detection_boxes, draw_boxes, enlarge_for_display
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 RESULTS_FILE = "detections.json"
@@ -176,10 +179,10 @@ def load_model(args: argparse.Namespace, logger):
         raise SystemExit(f"inference.py: error: checkpoint {args.resume} has no 'model' entry "
                          f"(keys: {sorted(checkpoint)})")
     state_dict = strip_ddp_prefix(checkpoint["model"])
-    adopt_checkpoint_model_args(args, checkpoint.get("args"), logger)
-    if args.num_classes is None and "label_enc.weight" in state_dict:
-        args.num_classes = state_dict["label_enc.weight"].shape[0] - 1  # [num_classes + 1, D - 1]
-        logger.info(f"--num_classes {args.num_classes} read from the checkpoint's label_enc")
+    adopt_checkpoint_model_args(args, checkpoint.get("args"), get_args_parser(), logger)
+    if "label_enc.weight" in state_dict:  # [num_classes + 1, D - 1]
+        resolve_num_classes(args, checkpoint_num_classes=state_dict["label_enc.weight"].shape[0] - 1, logger=logger)
+    warn_ignored_flags(args, logger)
     args.no_pretrained_backbone = True  # the checkpoint replaces every weight
     model, _, postprocessors = build_model(args)
     try:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
-from datasets.coco import CocoDetection, read_annotation_json
+from datasets.coco import CocoDetection
 from datasets.transforms import make_coco_transforms
 
 SPLIT_FOLDERS = {"train": "train2017", "val": "val2017"}
@@ -39,13 +39,3 @@ def get_coco_api_from_dataset(dataset):
     if not hasattr(dataset, "coco"):
         raise TypeError(f"{type(dataset).__name__} has no COCO ground truth ('coco' attribute) to evaluate against")
     return dataset.coco
-
-
-def infer_num_classes(ann_file) -> int:
-    """Classification logits for a COCO-format annotation file: max category id + 1 (91 for COCO, spec §1.2)."""
-    ann_file = Path(ann_file)
-    categories = read_annotation_json(ann_file)["categories"]
-    ids = [c["id"] for c in categories if isinstance(c, dict) and isinstance(c.get("id"), int)]
-    if not ids:
-        raise ValueError(f"{ann_file}: no integer category ids in 'categories'; cannot infer --num_classes")
-    return max(ids) + 1

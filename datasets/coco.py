@@ -1,4 +1,4 @@
-"""COCO-format detection dataset (spec §6.1) with up-front validation of the annotation file.
+"""COCO-format detection dataset with up-front validation of the annotation file.
 
 The annotation file is checked once at construction, so that bad input fails immediately with an error
 naming the file and the offending entry instead of crashing mid-epoch:
@@ -8,9 +8,9 @@ naming the file and the offending entry instead of crashing mid-epoch:
 * an image listed in the file but absent from the image folder.
 
 Boxes partly outside their image are clipped and empty boxes (zero or negative width/height, or fully
-outside) dropped, as the reference does per image; one :class:`AnnotationRepairWarning` per dataset
+outside) dropped, as the original release does per image; one :class:`AnnotationRepairWarning` per dataset
 counts them. An image that cannot be decoded raises :class:`ImageLoadError` naming the file and image id
-(the reference silently substituted another image, spec §9.9).
+(the original release silently substituted another image).
 """
 import contextlib
 import io
@@ -20,7 +20,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ def _validate_entries(ann_file: Path, dataset: dict) -> None:
 
 def _fill_evaluation_defaults(dataset: dict) -> None:
     """pycocotools' COCOeval needs ``iscrowd`` and ``area`` on every ground-truth annotation; a missing
-    ``iscrowd`` means "not a crowd" (spec §6.1) and a missing ``area`` is taken as the box area."""
+    ``iscrowd`` means "not a crowd" and a missing ``area`` is taken as the box area."""
     for ann in dataset["annotations"]:
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
@@ -160,7 +160,7 @@ def _check_images_present(img_folder: Path, coco: COCO, ann_file: Path) -> None:
 
 
 class CocoDetection(Dataset):
-    """Images of a COCO-format folder with their detection targets (spec §6.1).
+    """Images of a COCO-format folder with their detection targets.
 
     Item: ``(image, target)`` where, before ``transforms``, ``image`` is a PIL RGB image and ``target`` has
     ``boxes`` (absolute xyxy, float32, clamped to the image, empty ones dropped), ``labels`` (category ids,
@@ -220,3 +220,9 @@ class CocoDetection(Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+
+def category_names_from_annotations(ann_file: Union[str, Path]) -> Dict[int, str]:
+    """``{category id: name}`` of a COCO instances file (a category without a name is ``"class N"``)."""
+    categories = read_annotation_json(ann_file)["categories"]
+    return {c["id"]: str(c.get("name") or f"class {c['id']}") for c in categories if isinstance(c.get("id"), int)}

@@ -1,4 +1,4 @@
-"""COCO box evaluation with pycocotools, usable in distributed runs (spec §6.5).
+"""COCO box evaluation with pycocotools, usable in distributed runs.
 
 Each process evaluates its own images as they come (``update``: per-image matching with ``COCOeval``);
 ``synchronize_between_processes`` gathers the evaluated image ids, the per-image results and the

@@ -1,8 +1,8 @@
-"""DETR's detection augmentations (spec §6.2, §6.3): every transform maps ``(PIL image, target)`` to
+"""DETR's detection augmentations: every transform maps ``(PIL image, target)`` to
 ``(image, target)`` and keeps the target's ``boxes`` (absolute xyxy until :class:`Normalize`), ``area``
 and ``size`` consistent with the image.
 
-Randomness follows the reference: Python ``random`` for flip / branch / scale / crop size, the torch RNG
+Randomness follows the original release: Python ``random`` for flip / branch / scale / crop size, the torch RNG
 for the crop position (through ``torchvision.transforms.RandomCrop.get_params``).
 """
 import random
@@ -57,7 +57,7 @@ def hflip(image: Image.Image, target: Target):
 
 
 def resized_shape(image_size: Tuple[int, int], size: int, max_size: Optional[int] = None) -> Tuple[int, int]:
-    """Output ``(height, width)`` for short side ``size`` with the long side capped at ``max_size`` (spec §6.2).
+    """Output ``(height, width)`` for short side ``size`` with the long side capped at ``max_size``.
 
     ``image_size`` is PIL's ``(width, height)``. If the long side would exceed the cap, the short side becomes
     ``int(round(max_size * short / long))``. A short side already equal to the target keeps the size;
@@ -122,7 +122,7 @@ class RandomResize:
 
 class RandomSizeCrop:
     """Crop of width ``U_int[min_size, min(W, max_size)]`` and height ``U_int[min_size, min(H, max_size)]``
-    at a uniformly random position. An image side shorter than ``min_size`` is kept whole (the reference
+    at a uniformly random position. An image side shorter than ``min_size`` is kept whole (the original
     would raise there)."""
 
     def __init__(self, min_size: int, max_size: int):

@@ -18,12 +18,34 @@ def attention_allowed_mask(attn_mask: Optional[torch.Tensor], key_padding_mask: 
     return None if blocked is None else ~blocked
 
 
+def multihead_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int,
+                        attn_mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                        dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention of already-projected ``query [L, B, E]``, ``key [S, B, E]`` and
+    ``value [S, B, Ev]`` split into ``num_heads`` heads -> ``[L, B, Ev]`` (head-major channels, no output
+    projection). Queries are scaled by ``(E / num_heads) ** -0.5``."""
+    num_queries, batch, qk_dim = query.shape
+    num_keys = key.shape[0]
+    head_dim = qk_dim // num_heads
+    # [L, B, E] -> [B, h, L, E / h]
+    q = query.reshape(num_queries, batch, num_heads, head_dim).permute(1, 2, 0, 3)
+    k = key.reshape(num_keys, batch, num_heads, head_dim).permute(1, 2, 0, 3)
+    v = value.reshape(num_keys, batch, num_heads, -1).permute(1, 2, 0, 3)
+    out = F.scaled_dot_product_attention(
+        q, k, v,
+        attn_mask=attention_allowed_mask(attn_mask, key_padding_mask),
+        dropout_p=dropout_p,
+        scale=head_dim ** -0.5,
+    )  # [B, h, L, Ev / h]
+    return out.permute(2, 0, 1, 3).reshape(num_queries, batch, -1)  # [L, B, Ev], head-major channels
+
+
 class MultiheadAttentionNoInProj(nn.Module):
-    """Scaled dot-product attention with an output projection but no input projections.
+    """:func:`multihead_attention` followed by an output projection; no input projections.
 
     Query/key width ``E`` may differ from the value width ``embed_dim`` (the conditional cross-attention
-    concatenates content and positional halves per head: ``E = 2 * embed_dim``). Queries are scaled by
-    ``(E / num_heads) ** -0.5``. Only ``out_proj`` holds weights.
+    concatenates content and positional halves per head: ``E = 2 * embed_dim``). Only ``out_proj`` holds
+    weights.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
@@ -39,18 +61,6 @@ class MultiheadAttentionNoInProj(nn.Module):
                 attn_mask: Optional[torch.Tensor] = None,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``query [L, B, E]``, ``key [S, B, E]``, ``value [S, B, Ev]`` -> ``[L, B, Ev]``."""
-        num_queries, batch, qk_dim = query.shape
-        num_keys = key.shape[0]
-        head_dim = qk_dim // self.num_heads
-        # [L, B, E] -> [B, h, L, E / h]
-        q = query.reshape(num_queries, batch, self.num_heads, head_dim).permute(1, 2, 0, 3)
-        k = key.reshape(num_keys, batch, self.num_heads, head_dim).permute(1, 2, 0, 3)
-        v = value.reshape(num_keys, batch, self.num_heads, -1).permute(1, 2, 0, 3)
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attention_allowed_mask(attn_mask, key_padding_mask),
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=head_dim ** -0.5,
-        )  # [B, h, L, Ev / h]
-        out = out.permute(2, 0, 1, 3).reshape(num_queries, batch, -1)  # [L, B, Ev], head-major channels
+        out = multihead_attention(query, key, value, self.num_heads, attn_mask, key_padding_mask,
+                                  self.dropout if self.training else 0.0)
         return self.out_proj(out)

@@ -1,4 +1,4 @@
-"""ResNet backbone with frozen batch norm, joined with the positional encoding (spec §1.8, §1.9).
+"""ResNet backbone with frozen batch norm, joined with the positional encoding.
 
 State-dict layout: ``backbone.0.body.*`` is the torchvision ResNet trunk up to ``layer4``;
 ``backbone.1`` is the positional encoding (no keys for the sine flavours).

@@ -1,80 +1,58 @@
 """Build a detector, its criterion and post-processor from the command-line arguments."""
 import logging
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from torch import nn
 
-from .backbone import build_backbone
+from util.coco_categories import COCO_NUM_CLASSES
+
 from .criterion import SetCriterion, build_weight_dict
-from .dab_transformer import build_dab_transformer
-from .deformable_transformer import build_deformable_transformer
 from .dn_components import DNConfig
-from .dn_dab_deformable_detr import DNDABDeformableDETR
-from .dn_dab_detr import DNDABDETR
 from .matcher import build_matcher
 from .postprocess import PostProcess
-
-COCO_NUM_CLASSES = 91
-
-
-def _num_classes(args) -> int:
-    return args.num_classes if args.num_classes is not None else COCO_NUM_CLASSES
+from .registry import MODELS, resolve
 
 
-def _dn_config(args):
-    if not args.use_dn:
-        return None
-    return DNConfig(args.scalar, args.label_noise_scale, args.box_noise_scale)
+def resolve_num_classes(args, dataset_max_category_id: Optional[int] = None, dataset_name: Optional[str] = None,
+                        checkpoint_num_classes: Optional[int] = None, logger=None) -> int:
+    """Set and return ``args.num_classes``, the number of classification logits.
 
-
-def build_dn_dab_detr(args) -> nn.Module:
-    if args.two_stage:
-        raise ValueError("--two_stage is only meaningful for deformable models and is not supported")
-    backbone = build_backbone(args, return_layers=["layer4"], deformable=False)
-    return DNDABDETR(backbone, build_dab_transformer(args), num_classes=_num_classes(args),
-                     num_queries=args.num_queries, aux_loss=args.aux_loss, dn_config=_dn_config(args),
-                     random_refpoints_xy=args.random_refpoints_xy)
-
-
-def build_dn_dab_deformable_detr(args) -> nn.Module:
-    if args.two_stage:
-        raise ValueError("--two_stage is not supported by dn_dab_deformable_detr (nor by the official release)")
-    if args.num_patterns > 0:
-        raise ValueError("--num_patterns is only supported by dn_dab_detr")
-    if args.num_feature_levels == 2 or args.num_feature_levels < 1:
-        raise ValueError(f"--num_feature_levels must be 1 (C5 only) or >= 3 (C3-C5 plus extra strided levels), "
-                         f"got {args.num_feature_levels}")
-    if args.transformer_activation != "relu":
-        logging.getLogger(__name__).warning(
-            "dn_dab_deformable_detr always uses ReLU; --transformer_activation %s is ignored",
-            args.transformer_activation)
-    return_layers = ["layer4"] if args.num_feature_levels == 1 else ["layer2", "layer3", "layer4"]
-    backbone = build_backbone(args, return_layers=return_layers, deformable=True)
-    return DNDABDeformableDETR(backbone, build_deformable_transformer(args), num_classes=_num_classes(args),
-                               num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
-                               aux_loss=args.aux_loss, dn_config=_dn_config(args),
-                               random_refpoints_xy=args.random_refpoints_xy)
-
-
-# Per model: its builder and what the reference fixes regardless of the flags (spec §5.1, §5.2, §5.5).
-MODELS = {
-    "dn_dab_detr": (build_dn_dab_detr, {"matcher_focal_alpha": None, "num_select": None, "log_xy_hw": True}),
-    "dn_dab_deformable_detr": (build_dn_dab_deformable_detr,
-                               {"matcher_focal_alpha": 0.25, "num_select": 100, "log_xy_hw": False}),
-}
+    An explicit ``--num_classes`` wins; otherwise the checkpoint's class count (the rows of its class
+    embedding), then the dataset's largest category id + 1, then COCO's 91. A value too small for the
+    dataset's ids is an error.
+    """
+    logger = logger or logging.getLogger(__name__)
+    if args.num_classes is None:
+        if checkpoint_num_classes is not None:
+            args.num_classes = checkpoint_num_classes
+            logger.info(f"--num_classes {args.num_classes} read from the checkpoint's class embedding")
+        elif dataset_max_category_id is not None:
+            args.num_classes = dataset_max_category_id + 1
+        else:
+            args.num_classes = COCO_NUM_CLASSES
+    if dataset_max_category_id is not None and args.num_classes <= dataset_max_category_id:
+        raise ValueError(f"--num_classes {args.num_classes} is too small for {dataset_name or args.coco_path}: "
+                         f"its category ids go "
+                         f"up to {dataset_max_category_id}, so at least {dataset_max_category_id + 1} classification "
+                         "logits are needed")
+    return args.num_classes
 
 
 def build_model(args) -> Tuple[nn.Module, SetCriterion, Dict[str, nn.Module]]:
-    """``args`` is the namespace of ``main.get_args_parser()``; the model is built on the CPU."""
+    """``args`` is the namespace of ``cli.get_args_parser()``; the model is built on the CPU."""
     if args.modelname not in MODELS:
         raise ValueError(f"-m/--modelname: unknown model {args.modelname!r}, choose from {sorted(MODELS)}")
-    build, fixed = MODELS[args.modelname]
-    model = build(args)
-    matcher_alpha = fixed["matcher_focal_alpha"] if fixed["matcher_focal_alpha"] is not None else args.focal_alpha
-    criterion = SetCriterion(
-        _num_classes(args), build_matcher(args, matcher_alpha), build_weight_dict(args),
-        focal_alpha=args.focal_alpha, use_dn=args.use_dn, num_decoder_layers=args.dec_layers,
-        aux_loss=args.aux_loss, log_xy_hw=fixed["log_xy_hw"],
-    )
-    num_select = fixed["num_select"] if fixed["num_select"] is not None else args.num_select
-    return model, criterion, {"bbox": PostProcess(num_select)}
+    entry = MODELS[args.modelname]
+    for flag in entry.unsupported_flags:
+        if getattr(args, flag):
+            raise ValueError(f"--{flag} is not supported by {args.modelname}")
+    resolve_num_classes(args)
+    dn_config = DNConfig(args.scalar, args.label_noise_scale, args.box_noise_scale) if args.use_dn else None
+    model = entry.build(args, dn_config)
+
+    weight_dict = build_weight_dict(args, model.transformer.decoder.num_layers, denoising=dn_config is not None,
+                                    dn_class_loss_coef=resolve(entry.dn_class_loss_coef, args), aux_loss=args.aux_loss)
+    matcher = build_matcher(args, resolve(entry.matcher_focal_alpha, args))
+    criterion = SetCriterion(args.num_classes, matcher, weight_dict, focal_alpha=args.focal_alpha,
+                             log_xy_hw=entry.log_xy_hw)
+    return model, criterion, {"bbox": PostProcess(resolve(entry.num_select, args))}

@@ -1,5 +1,5 @@
-"""Set criterion: Hungarian-matched losses of every decoder layer plus the denoising losses (spec §5)."""
-from typing import Dict, List
+"""Set criterion: Hungarian-matched losses of every decoder layer plus the denoising losses."""
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -8,30 +8,69 @@ from torch import nn
 from util.distributed import all_reduce_mean
 from util.misc import accuracy
 
-from .dn_components import compute_dn_loss, layer_loss_suffixes
+from .dn_components import DNMeta, DNPredictions
 from .losses import box_regression_losses, focal_classification_loss
 from .matcher import HungarianMatcher, MatchIndices
+
+MATCHING_LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
+DN_LOSS_NAMES = ("tgt_loss_ce", "tgt_class_error", "tgt_loss_bbox", "tgt_loss_giou")
+
+
+def layer_loss_suffixes(num_layers: int) -> List[str]:
+    """Key suffix of each decoder layer's losses: ``_0 .. _{L-2}`` for auxiliary layers, none for the last."""
+    return [f"_{i}" for i in range(num_layers - 1)] + [""]
+
+
+def dn_losses(dn_meta: Optional[DNMeta], dn_predictions: Optional[DNPredictions], num_layers: int,
+              focal_alpha: float, device) -> Dict[str, torch.Tensor]:
+    """Reconstruction losses of the denoising queries of the last ``num_layers`` decoder layers.
+
+    Each denoising query is supervised by the ground truth it was noised from (no matching): focal
+    classification, L1 and GIoU, normalised by the number of denoising entries of this process (as in
+    the original release, not averaged across processes). Without denoising predictions (evaluation,
+    a batch without objects) every key is a constant zero, so logs keep their keys.
+    """
+    suffixes = layer_loss_suffixes(num_layers)
+    if dn_predictions is None:
+        zero = torch.zeros((), device=device)
+        return {name + suffix: zero for suffix in suffixes for name in DN_LOSS_NAMES}
+
+    # [L, B, pad, *] -> [L, G * N, *]: each entry's prediction in its own image and row.
+    logits = dn_predictions.pred_logits[:, dn_meta.batch_idx, dn_meta.query_idx].float()
+    boxes = dn_predictions.pred_boxes[:, dn_meta.batch_idx, dn_meta.query_idx].float()
+    num_entries = dn_meta.labels.shape[0]
+    first_layer = logits.shape[0] - num_layers
+    losses = {}
+    for layer_id, suffix in enumerate(suffixes, start=first_layer):
+        box_losses = box_regression_losses(boxes[layer_id], dn_meta.boxes, num_entries)
+        losses["tgt_loss_ce" + suffix] = focal_classification_loss(
+            logits[layer_id][None], dn_meta.labels[None], num_entries, focal_alpha)
+        losses["tgt_class_error" + suffix] = 100 - accuracy(logits[layer_id], dn_meta.labels)[0]
+        losses["tgt_loss_bbox" + suffix] = box_losses["loss_bbox"]
+        losses["tgt_loss_giou" + suffix] = box_losses["loss_giou"]
+    return losses
 
 
 class SetCriterion(nn.Module):
     """Computes the loss dictionary of a detector's outputs; ``weight_dict`` says how to sum it.
 
-    Keys of the last decoder layer are unsuffixed, auxiliary layer ``i`` adds ``_i``; denoising
-    losses are the ``tgt_*`` keys (present whenever the model trains with denoising).
+    Every decoder layer the outputs carry is supervised: the last one under unsuffixed keys, auxiliary
+    layer ``i`` (present in ``aux_outputs`` unless the model was built with ``--no_aux_loss``) under
+    ``_i`` keys. The denoising losses are the ``tgt_*`` keys: computed from the outputs' denoising
+    predictions when there are some and the criterion is in training mode, and reported as zeros
+    otherwise (evaluation, a batch without objects) whenever ``weight_dict`` weighs them, i.e. for a
+    model trained with denoising.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: Dict[str, float],
-                 focal_alpha: float, use_dn: bool, num_decoder_layers: int, aux_loss: bool,
-                 log_xy_hw: bool = True):
+                 focal_alpha: float, log_xy_hw: bool = True):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.focal_alpha = focal_alpha
-        self.use_dn = use_dn
-        self.num_decoder_layers = num_decoder_layers
-        self.aux_loss = aux_loss
         self.log_xy_hw = log_xy_hw
+        self.reports_dn_losses = "tgt_loss_ce" in weight_dict
 
     def layer_losses(self, outputs: Dict[str, torch.Tensor], match: torch.Tensor, tgt_labels: torch.Tensor,
                      tgt_boxes: torch.Tensor, target_lengths: torch.Tensor, num_boxes: torch.Tensor,
@@ -80,8 +119,8 @@ class SetCriterion(nn.Module):
         return torch.stack(per_layer).to(device, non_blocking=True)
 
     def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        layer_outputs = (outputs.get("aux_outputs", []) + [outputs]) if self.aux_loss else [outputs]
-        suffixes = layer_loss_suffixes(len(layer_outputs), aux_loss=True)
+        layer_outputs = outputs.get("aux_outputs", []) + [outputs]
+        suffixes = layer_loss_suffixes(len(layer_outputs))
         device = outputs["pred_logits"].device
         sizes = [len(t["labels"]) for t in targets]
         matches = self.flatten_matches(self.matcher.match_layers(layer_outputs, targets), sizes, device)
@@ -97,19 +136,20 @@ class SetCriterion(nn.Module):
             layer_losses = self.layer_losses(layer_out, match, tgt_labels, tgt_boxes, target_lengths, num_boxes,
                                              log=suffix == "")
             losses.update({name + suffix: value for name, value in layer_losses.items()})
-        if self.use_dn:
-            dn_meta = outputs.get("dn_meta") if self.training else None
-            losses.update(compute_dn_loss(dn_meta, self.num_decoder_layers, self.aux_loss, self.focal_alpha, device))
+        if self.reports_dn_losses:
+            dn_predictions = outputs.get("dn_outputs") if self.training else None  # evaluation: zeros
+            losses.update(dn_losses(outputs.get("dn_meta"), dn_predictions, len(layer_outputs), self.focal_alpha,
+                                    device))
         return losses
 
 
-def build_weight_dict(args) -> Dict[str, float]:
-    base = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-    if args.use_dn:
-        base.update({"tgt_loss_ce": args.cls_loss_coef, "tgt_loss_bbox": args.bbox_loss_coef,
+def build_weight_dict(args, num_decoder_layers: int, denoising: bool, dn_class_loss_coef: float,
+                      aux_loss: bool) -> Dict[str, float]:
+    """Weight of every loss key the criterion sums: matching terms and, with ``denoising``, their
+    ``tgt_`` counterparts, for the last layer and (with ``aux_loss``) every auxiliary layer."""
+    base = dict(zip(MATCHING_LOSS_NAMES, (args.cls_loss_coef, args.bbox_loss_coef, args.giou_loss_coef)))
+    if denoising:
+        base.update({"tgt_loss_ce": dn_class_loss_coef, "tgt_loss_bbox": args.bbox_loss_coef,
                      "tgt_loss_giou": args.giou_loss_coef})
-    weight_dict = dict(base)
-    if args.aux_loss:
-        for i in range(args.dec_layers - 1):
-            weight_dict.update({f"{name}_{i}": coef for name, coef in base.items()})
-    return weight_dict
+    suffixes = [""] + (layer_loss_suffixes(num_decoder_layers)[:-1] if aux_loss else [])
+    return {name + suffix: coef for suffix in suffixes for name, coef in base.items()}

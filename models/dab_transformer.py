@@ -1,6 +1,7 @@
-"""The single-scale DAB-DETR transformer of ``dn_dab_detr`` (spec §2.1, §2.3).
+"""The single-scale DAB-DETR transformer of ``dn_dab_detr``.
 
-Everything here is sequence-first (``[L, B, D]``). The decoder refines 4-D anchor boxes layer by
+Its public interface (``encode`` / ``decode``) is batch-first like every transformer of the project;
+inside, everything is sequence-first (``[L, B, D]``). The decoder refines 4-D anchor boxes layer by
 layer with the detector's shared box head, which the detector attaches as ``decoder.bbox_embed``.
 """
 from typing import Optional
@@ -11,6 +12,7 @@ from torch import nn
 from util.misc import inverse_sigmoid
 
 from .attention import MultiheadAttentionNoInProj
+from .detector import EncoderMemory, FeatureLevels
 from .layers import MLP, build_activation, clone_modules
 from .position_encoding import anchor_sine_embedding
 
@@ -81,7 +83,7 @@ class TransformerDecoderLayer(nn.Module):
         self.ca_kpos_proj = nn.Linear(d_model, d_model)
         self.ca_v_proj = nn.Linear(d_model, d_model)
         self.ca_qpos_sine_proj = nn.Linear(d_model, d_model)
-        self.cross_attn = MultiheadAttentionNoInProj(d_model, nhead, dropout=dropout)
+        self.build_memory_attention(d_model, nhead, dropout)
 
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
@@ -92,11 +94,23 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.activation = build_activation(activation)
 
-    def forward(self, tgt, memory, tgt_mask, memory_key_padding_mask, pos, query_pos, query_sine_embed):
+    def build_memory_attention(self, d_model: int, nhead: int, dropout: float) -> None:
+        """Register the attention over the memory (called from ``__init__`` at its place in the checkpoint's
+        key order)."""
+        self.cross_attn = MultiheadAttentionNoInProj(d_model, nhead, dropout=dropout)
+
+    def attend_memory(self, query, key, value, memory_key_padding_mask, sa_query, level_sizes):
+        """One softmax over all memory keys (``sa_query`` and ``level_sizes`` serve multi-level layers)."""
+        return self.cross_attn(query, key, value, key_padding_mask=memory_key_padding_mask)
+
+    def forward(self, tgt, memory, tgt_mask, memory_key_padding_mask, pos, query_pos, query_sine_embed,
+                level_sizes=None):
+        """``tgt [Q, B, D]``, ``memory``/``pos [S, B, D]``; ``level_sizes``: memory tokens per feature level."""
         # Self-attention between queries (DN groups isolated by ``tgt_mask``).
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
         attended = self.self_attn(q, k, self.sa_v_proj(tgt), attn_mask=tgt_mask)
+        sa_query = q
         tgt = self.norm1(tgt + self.dropout1(attended))
 
         # Conditional cross-attention: per head, [content || positional] for queries and keys.
@@ -115,7 +129,7 @@ class TransformerDecoderLayer(nn.Module):
                        q_sine.view(num_queries, batch, self.nhead, head_dim)], dim=3).view(num_queries, batch, -1)
         k = torch.cat([k_content.view(num_keys, batch, self.nhead, head_dim),
                        k_pos.view(num_keys, batch, self.nhead, head_dim)], dim=3).view(num_keys, batch, -1)
-        attended = self.cross_attn(q, k, self.ca_v_proj(memory), key_padding_mask=memory_key_padding_mask)
+        attended = self.attend_memory(q, k, self.ca_v_proj(memory), memory_key_padding_mask, sa_query, level_sizes)
         tgt = self.norm2(tgt + self.dropout2(attended))
 
         tgt = self.norm3(tgt + self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(tgt))))))
@@ -123,10 +137,11 @@ class TransformerDecoderLayer(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    """Decoder that refines anchor boxes ``(x, y, w, h)`` after every layer (spec §2.3 step 7)."""
+    """Decoder that refines anchor boxes ``(x, y, w, h)`` after every layer."""
 
     def __init__(self, layer: TransformerDecoderLayer, num_layers: int, d_model: int):
         super().__init__()
+        self.num_layers = num_layers
         self.layers = clone_modules(layer, num_layers)
         for later_layer in self.layers[1:]:
             later_layer.ca_qpos_proj = None
@@ -136,7 +151,7 @@ class TransformerDecoder(nn.Module):
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
         self.bbox_embed: Optional[nn.Module] = None  # the detector's shared box head, attached later
 
-    def forward(self, tgt, memory, tgt_mask, memory_key_padding_mask, pos, refpoints_logit):
+    def forward(self, tgt, memory, tgt_mask, memory_key_padding_mask, pos, refpoints_logit, level_sizes=None):
         """Returns normalised layer outputs ``[L, Q, B, D]`` and per-layer references ``[L, Q, B, 4]``.
 
         Reference ``l`` is the box layer ``l``'s predictions refine: the initial anchors for layer 0,
@@ -162,7 +177,8 @@ class TransformerDecoder(nn.Module):
                 query_sine_embed[..., half:] * (ref_hw[..., 0] / reference[..., 2]).unsqueeze(-1),
             ], dim=-1)
 
-            output = layer(output, memory, tgt_mask, memory_key_padding_mask, pos, query_pos, query_sine_embed)
+            output = layer(output, memory, tgt_mask, memory_key_padding_mask, pos, query_pos, query_sine_embed,
+                           level_sizes)
 
             refined = (self.bbox_embed(output) + inverse_sigmoid(reference)).sigmoid()
             if layer_id < len(self.layers) - 1:
@@ -172,7 +188,23 @@ class TransformerDecoder(nn.Module):
         return torch.stack(intermediate), torch.stack(references)
 
 
-class Transformer(nn.Module):
+class DABDecoding:
+    """``decode`` of the transformers whose ``decoder`` is the sequence-first :class:`TransformerDecoder`."""
+
+    decoder: TransformerDecoder
+
+    def decode(self, content: torch.Tensor, anchors: torch.Tensor, attn_mask: Optional[torch.Tensor],
+               memory: EncoderMemory):
+        """Decode queries ``content [B, Q, D]`` with anchor logits ``[B, Q, 4]`` under the self-attention
+        ``attn_mask [Q, Q]`` (True = blocked) -> ``hs [L, B, Q, D]``, references ``[L, B, Q, 4]``."""
+        level_sizes = [height * width for height, width in memory.spatial_shapes]
+        hs, references = self.decoder(content.transpose(0, 1), memory.memory.transpose(0, 1), attn_mask,
+                                      memory.padding_mask, memory.pos.transpose(0, 1), anchors.transpose(0, 1),
+                                      level_sizes)
+        return hs.transpose(1, 2), references.transpose(1, 2)
+
+
+class Transformer(DABDecoding, nn.Module):
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.0,
                  activation: str = "prelu", encoder_final_norm: bool = False, num_patterns: int = 0):
@@ -182,9 +214,9 @@ class Transformer(nn.Module):
         decoder_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation)
         self.decoder = TransformerDecoder(decoder_layer, num_decoder_layers, d_model)
         self.d_model = d_model
-        self.num_patterns = num_patterns
         self._reset_parameters()
-        # Created after the Xavier pass, so the patterns keep the default N(0, 1) embedding init.
+        # Pattern embeddings, added to the matching queries by the detector. Created after the Xavier
+        # pass, so they keep the default N(0, 1) embedding init.
         self.patterns = nn.Embedding(num_patterns, d_model) if num_patterns > 0 else None
 
     def _reset_parameters(self):
@@ -192,30 +224,16 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src, mask, pos_embed, tgt, refpoints_logit, attn_mask, num_dn: int):
-        """Encode one feature map and decode the queries.
-
-        Args:
-            src, pos_embed: ``[B, D, H, W]`` projected features and their positional encoding.
-            mask: ``[B, H, W]`` padding mask.
-            tgt, refpoints_logit: ``[Q, B, D]`` content queries, ``[Q, B, 4]`` anchor logits; the first
-                ``num_dn`` rows are denoising queries, the rest are ``num_patterns`` (or 1) blocks of
-                matching queries.
-            attn_mask: ``[Q, Q]`` self-attention mask (True = blocked) or None.
-        Returns:
-            ``hs [L, B, Q, D]`` and references ``[L, B, Q, 4]``.
-        """
+    def encode(self, levels: FeatureLevels) -> EncoderMemory:
+        """Encode the one projected feature map ``[B, D, H, W]`` (padding mask ``[B, H, W]``)."""
+        src, mask, pos_embed = levels.srcs[0], levels.masks[0], levels.pos[0]
+        spatial_shape = tuple(src.shape[-2:])
         src = src.flatten(2).permute(2, 0, 1)  # [B, D, H, W] -> [HW, B, D]
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
         mask = mask.flatten(1)  # [B, HW]
         memory = self.encoder(src, mask, pos_embed)
-        if self.patterns is not None:
-            num_queries = (tgt.shape[0] - num_dn) // self.num_patterns
-            # Pattern j is added to the j-th block of matching queries; DN queries get none.
-            pattern_rows = self.patterns.weight.repeat_interleave(num_queries, dim=0)  # [np * nq, D]
-            tgt = torch.cat([tgt[:num_dn], tgt[num_dn:] + pattern_rows[:, None, :]], dim=0)
-        hs, references = self.decoder(tgt, memory, attn_mask, mask, pos_embed, refpoints_logit)
-        return hs.transpose(1, 2), references.transpose(1, 2)
+        # Batch-first views of the sequence-first tensors; ``decode`` transposes them back.
+        return EncoderMemory(memory.transpose(0, 1), mask, pos_embed.transpose(0, 1), [spatial_shape], None)
 
 
 def build_dab_transformer(args) -> Transformer:

@@ -1,4 +1,4 @@
-"""The multi-scale DAB-Deformable-DETR transformer of ``dn_dab_deformable_detr`` (spec §4.1, §4.3).
+"""The multi-scale DAB-Deformable-DETR transformer of ``dn_dab_deformable_detr``.
 
 Batch-first throughout (``[B, L, D]``). Encoder and decoder cross-attention are multi-scale
 deformable attention; the decoder refines 4-D anchors with per-layer box heads that the detector
@@ -12,18 +12,21 @@ from torch import nn
 
 from util.misc import inverse_sigmoid
 
-from .layers import MLP, clone_modules
+from .detector import EncoderMemory, FeatureLevels
+from .layers import MLP, build_activation, clone_modules
 from .ops import MSDeformAttn
 from .position_encoding import anchor_sine_embedding
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
-    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int,
+                 activation: str = "relu"):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = build_activation(activation)  # a PReLU's slope sits between linear1 and linear2
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = nn.Dropout(dropout)
@@ -32,7 +35,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
     def forward(self, src, pos, reference_points, spatial_shapes, padding_mask):
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, input_padding_mask=padding_mask)
         src = self.norm1(src + self.dropout1(attended))
-        src = self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(src))))))
+        src = self.norm2(src + self.dropout3(self.linear2(self.dropout2(self.activation(self.linear1(src))))))
         return src
 
 
@@ -92,10 +95,11 @@ class DeformableTransformerEncoder(nn.Module):
 
 
 class DeformableTransformerDecoder(nn.Module):
-    """Anchor-refining decoder; every layer's references are detached before the next layer (spec §4.3)."""
+    """Anchor-refining decoder; every layer's references are detached before the next layer."""
 
     def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int, d_model: int):
         super().__init__()
+        self.num_layers = num_layers
         self.layers = clone_modules(layer, num_layers)
         self.query_scale = MLP(d_model, d_model, d_model, 2)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
@@ -123,7 +127,37 @@ class DeformableTransformerDecoder(nn.Module):
         return torch.stack(intermediate), torch.stack(references[:-1])
 
 
-class DeformableTransformer(nn.Module):
+class DeformableEncoding:
+    """``encode`` of the transformers whose ``encoder`` is the multi-scale :class:`DeformableTransformerEncoder`
+    with one learned ``level_embed [num_levels, D]`` row per feature level."""
+
+    encoder: DeformableTransformerEncoder
+    level_embed: nn.Parameter
+
+    @staticmethod
+    def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
+        """Unpadded fraction ``(w, h)`` of a level from its first row and column: ``[B, H, W]`` -> ``[B, 2]``."""
+        _, height, width = mask.shape
+        valid_h = torch.sum(~mask[:, :, 0], 1)
+        valid_w = torch.sum(~mask[:, 0, :], 1)
+        return torch.stack([valid_w.float() / width, valid_h.float() / height], -1)
+
+    def encode(self, levels: FeatureLevels) -> EncoderMemory:
+        """Flatten the levels (``[B, D, H_l, W_l]`` each), add the level embeddings to their positional
+        encodings and run the deformable encoder over all of them."""
+        spatial_shapes = [tuple(src.shape[-2:]) for src in levels.srcs]
+        src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in levels.srcs], 1)  # [B, S, D]
+        mask_flatten = torch.cat([mask.flatten(1) for mask in levels.masks], 1)  # [B, S]
+        lvl_pos_embed_flatten = torch.cat([
+            pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
+            for level, pos in enumerate(levels.pos)
+        ], 1)  # [B, S, D]
+        valid_ratios = torch.stack([self.valid_ratios(mask) for mask in levels.masks], 1)  # [B, L, 2]
+        memory = self.encoder(src_flatten, spatial_shapes, valid_ratios, lvl_pos_embed_flatten, mask_flatten)
+        return EncoderMemory(memory, mask_flatten, lvl_pos_embed_flatten, spatial_shapes, valid_ratios)
+
+
+class DeformableTransformer(DeformableEncoding, nn.Module):
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.0,
                  num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4):
@@ -147,39 +181,12 @@ class DeformableTransformer(nn.Module):
                 module._reset_parameters()
         nn.init.normal_(self.level_embed)
 
-    @staticmethod
-    def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
-        """Unpadded fraction ``(w, h)`` of a level from its first row and column: ``[B, H, W]`` -> ``[B, 2]``."""
-        _, height, width = mask.shape
-        valid_h = torch.sum(~mask[:, :, 0], 1)
-        valid_w = torch.sum(~mask[:, 0, :], 1)
-        return torch.stack([valid_w.float() / width, valid_h.float() / height], -1)
-
-    def forward(self, srcs: List[torch.Tensor], masks: List[torch.Tensor], pos_embeds: List[torch.Tensor],
-                query_embeds: torch.Tensor, attn_mask: Optional[torch.Tensor]):
-        """Encode the feature levels and decode the queries.
-
-        Args:
-            srcs, pos_embeds: per level ``[B, D, H_l, W_l]``; masks: per level ``[B, H_l, W_l]``.
-            query_embeds: ``[B, Q, D + 4]`` content queries followed by anchor logits.
-            attn_mask: ``[Q, Q]`` decoder self-attention mask (True = blocked) or None.
-        Returns:
-            ``hs [L, B, Q, D]`` and references ``[L, B, Q, 4]``.
-        """
-        spatial_shapes = [tuple(src.shape[-2:]) for src in srcs]
-        src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)  # [B, S, D]
-        mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)  # [B, S]
-        lvl_pos_embed_flatten = torch.cat([
-            pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
-            for level, pos in enumerate(pos_embeds)
-        ], 1)  # [B, S, D]
-        valid_ratios = torch.stack([self.valid_ratios(mask) for mask in masks], 1)  # [B, L, 2]
-
-        memory = self.encoder(src_flatten, spatial_shapes, valid_ratios, lvl_pos_embed_flatten, mask_flatten)
-
-        tgt, refpoints_logit = query_embeds[..., :self.d_model], query_embeds[..., self.d_model:]
-        return self.decoder(tgt, refpoints_logit.sigmoid(), memory, spatial_shapes, valid_ratios, mask_flatten,
-                            attn_mask)
+    def decode(self, content: torch.Tensor, anchors: torch.Tensor, attn_mask: Optional[torch.Tensor],
+               memory: EncoderMemory):
+        """Decode queries ``content [B, Q, D]`` with anchor logits ``[B, Q, 4]`` under the self-attention
+        ``attn_mask [Q, Q]`` (True = blocked) -> ``hs [L, B, Q, D]``, references ``[L, B, Q, 4]``."""
+        return self.decoder(content, anchors.sigmoid(), memory.memory, memory.spatial_shapes, memory.valid_ratios,
+                            memory.padding_mask, attn_mask)
 
 
 def build_deformable_transformer(args) -> DeformableTransformer:

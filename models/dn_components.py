@@ -1,26 +1,23 @@
-"""Query denoising (DN-DETR, spec §3): noised ground truth as extra decoder queries.
+"""Query denoising (DN-DETR): noised ground truth as extra decoder queries.
 
 One implementation serves every model:
 
 * :func:`prepare_for_dn` builds the decoder queries: ``num_groups`` groups of noised copies of the
   ground truth ahead of the matching queries, and the self-attention mask that keeps the matching
   part from seeing them and the groups from seeing each other;
-* :func:`split_dn_outputs` separates the denoising predictions from the matching ones;
-* :func:`compute_dn_loss` computes the reconstruction losses (focal + L1 + GIoU, every decoder layer).
+* :func:`split_dn_outputs` separates the denoising predictions from the matching ones.
 
-Everything is vectorised over images and groups and follows the device of its inputs.
+The reconstruction losses of the denoising queries live with the other losses, in
+:mod:`models.criterion`. Everything here is vectorised over images and groups and follows the device
+of its inputs.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
-from util.misc import accuracy, inverse_sigmoid
-
-from .losses import box_regression_losses, focal_classification_loss
-
-DN_LOSS_NAMES = ("tgt_loss_ce", "tgt_class_error", "tgt_loss_bbox", "tgt_loss_giou")
+from util.misc import inverse_sigmoid
 
 
 @dataclass(frozen=True)
@@ -51,8 +48,13 @@ class DNMeta:
     noised_boxes: torch.Tensor  # [G * N, 4] boxes fed to the decoder
     batch_idx: torch.Tensor  # [G * N] image of each entry
     query_idx: torch.Tensor  # [G * N] query row of each entry within its image
-    pred_logits: Optional[torch.Tensor] = None  # [L, B, pad_size, C], set by split_dn_outputs
-    pred_boxes: Optional[torch.Tensor] = None  # [L, B, pad_size, 4]
+
+
+class DNPredictions(NamedTuple):
+    """What every decoder layer predicted for the denoising rows."""
+
+    pred_logits: torch.Tensor  # [L, B, pad_size, C]
+    pred_boxes: torch.Tensor  # [L, B, pad_size, 4]
 
 
 class DecoderQueries(NamedTuple):
@@ -65,8 +67,8 @@ class DecoderQueries(NamedTuple):
 def add_label_noise(labels: torch.Tensor, noise_scale: float, num_classes: int) -> torch.Tensor:
     """Replace each label with probability ``noise_scale`` by a uniformly drawn class in ``[0, num_classes)``.
 
-    The random draws (a uniform per entry, then one integer per flipped entry) follow the reference
-    order (spec Appendix B) so that a seeded run reproduces the reference noise; the integer draw's
+    The random draws (a uniform per entry, then one integer per flipped entry) follow the original
+    release's order so that a seeded run reproduces its noise; the integer draw's
     size depends on the flips, which costs one host-device sync on accelerators.
     """
     if noise_scale <= 0:
@@ -90,7 +92,7 @@ def add_box_noise(boxes: torch.Tensor, noise_scale: float) -> torch.Tensor:
 
 
 def dn_attention_mask(pad_size: int, group_size: int, num_matching: int, device=None) -> torch.Tensor:
-    """Self-attention mask ``[Q, Q]`` (True = blocked), ``Q = pad_size + num_matching`` (spec §3.4).
+    """Self-attention mask ``[Q, Q]`` (True = blocked), ``Q = pad_size + num_matching`` 
 
     Matching queries (rows >= pad_size) cannot see any denoising query; a denoising query sees its own
     group (padding slots included) and every matching query, but no other group.
@@ -165,42 +167,12 @@ def prepare_for_dn(targets: Optional[List[Dict[str, torch.Tensor]]], dn_config: 
 
 
 def split_dn_outputs(outputs_class: torch.Tensor, outputs_coord: torch.Tensor, dn_meta: Optional[DNMeta]):
-    """Remove the denoising rows from per-layer outputs ``[L, B, Q, *]`` and keep them in the meta."""
-    if dn_meta is None or dn_meta.pad_size == 0:
-        return outputs_class, outputs_coord, dn_meta
-    pad = dn_meta.pad_size
-    dn_meta = replace(dn_meta, pred_logits=outputs_class[:, :, :pad], pred_boxes=outputs_coord[:, :, :pad])
-    return outputs_class[:, :, pad:], outputs_coord[:, :, pad:], dn_meta
+    """Separate the denoising rows of per-layer outputs ``[L, B, Q, *]`` from the matching rows.
 
-
-def layer_loss_suffixes(num_layers: int, aux_loss: bool) -> List[str]:
-    """Key suffix of each decoder layer's losses: ``_0 .. _{L-2}`` for auxiliary layers, none for the last."""
-    return ([f"_{i}" for i in range(num_layers - 1)] + [""]) if aux_loss else [""]
-
-
-def compute_dn_loss(dn_meta: Optional[DNMeta], num_layers: int, aux_loss: bool, focal_alpha: float,
-                    device) -> Dict[str, torch.Tensor]:
-    """Reconstruction losses of the denoising queries for every decoder layer (spec §3.6).
-
-    Normalised by the local number of denoising entries (a reference quirk: not averaged across
-    processes). Without denoising predictions every key is a constant zero, so logs keep their keys.
+    Returns the matching outputs and the :class:`DNPredictions` (None when there are no denoising rows).
     """
-    suffixes = layer_loss_suffixes(num_layers, aux_loss)
-    if dn_meta is None or dn_meta.pred_logits is None:
-        zero = torch.zeros((), device=device)
-        return {name + suffix: zero for suffix in suffixes for name in DN_LOSS_NAMES}
-
-    # [L, B, pad, *] -> [L, G * N, *]: each entry's prediction in its own image and row.
-    logits = dn_meta.pred_logits[:, dn_meta.batch_idx, dn_meta.query_idx].float()
-    boxes = dn_meta.pred_boxes[:, dn_meta.batch_idx, dn_meta.query_idx].float()
-    num_entries = dn_meta.labels.shape[0]
-    layer_ids = range(num_layers - len(suffixes), num_layers)
-    losses = {}
-    for layer_id, suffix in zip(layer_ids, suffixes):
-        box_losses = box_regression_losses(boxes[layer_id], dn_meta.boxes, num_entries)
-        losses["tgt_loss_ce" + suffix] = focal_classification_loss(
-            logits[layer_id][None], dn_meta.labels[None], num_entries, focal_alpha)
-        losses["tgt_class_error" + suffix] = 100 - accuracy(logits[layer_id], dn_meta.labels)[0]
-        losses["tgt_loss_bbox" + suffix] = box_losses["loss_bbox"]
-        losses["tgt_loss_giou" + suffix] = box_losses["loss_giou"]
-    return losses
+    if dn_meta is None or dn_meta.pad_size == 0:
+        return outputs_class, outputs_coord, None
+    pad = dn_meta.pad_size
+    dn_predictions = DNPredictions(outputs_class[:, :, :pad], outputs_coord[:, :, :pad])
+    return outputs_class[:, :, pad:], outputs_coord[:, :, pad:], dn_predictions

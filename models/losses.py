@@ -1,4 +1,4 @@
-"""Loss terms shared by the matching criterion and the denoising losses (spec §5.2, §3.6)."""
+"""Loss terms shared by the matching criterion and the denoising losses."""
 from typing import Dict
 
 import torch
@@ -11,7 +11,7 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, normalizer, 
                        gamma: float = 2) -> torch.Tensor:
     """Focal loss (https://arxiv.org/abs/1708.02002) of logits ``[B, Q, C]`` vs 0/1 targets.
 
-    Reduced as the reference does: mean over the query axis, sum over batch and classes, divided by
+    Reduced as the original release does: mean over the query axis, sum over batch and classes, divided by
     ``normalizer``. Callers multiply by ``Q`` to get the total sum over queries / ``normalizer``.
     """
     prob = inputs.sigmoid()

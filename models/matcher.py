@@ -1,4 +1,4 @@
-"""Hungarian matching between predictions and ground truth (spec §5.1)."""
+"""Hungarian matching between predictions and ground truth."""
 from typing import Dict, List, Sequence, Tuple
 
 import torch

@@ -1,4 +1,4 @@
-"""Sine positional encodings of image feature maps and of anchor boxes (spec §1.6, §1.7)."""
+"""Sine positional encodings of image feature maps and of anchor boxes."""
 import math
 
 import torch

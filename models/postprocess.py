@@ -1,4 +1,4 @@
-"""Convert model outputs into COCO-style detections (spec §5.5)."""
+"""Convert model outputs into COCO-style detections."""
 from typing import Dict, List
 
 import torch

@@ -54,11 +54,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import autocast, backward, clip_and_step, weighted_loss  # noqa: E402
-from main import get_args_parser, resolve_device  # noqa: E402
+from cli import get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
-from models.builder import COCO_NUM_CLASSES  # noqa: E402
+from models.builder import resolve_num_classes  # noqa: E402
 from util.benchmarking import PeakMemory, device_name, interleaved_timed_runs_ms, synchronize  # noqa: E402
 from util.config import parse_args  # noqa: E402
+from util.device import resolve_device  # noqa: E402
+from util.optim import build_optimizer  # noqa: E402
 from util.misc import NestedTensor, nested_tensor_from_tensor_list  # noqa: E402
 
 CUDA_IMAGE_SIZE = (800, 1199)
@@ -127,16 +129,6 @@ def synthetic_batch(batch_size: int, image_size, num_objects: int, num_classes: 
         labels = torch.randint(0, num_classes, (num_objects,), generator=generator)
         targets.append({"labels": labels, "boxes": torch.cat([centre, size], dim=1)})
     return nested_tensor_from_tensor_list(images), targets
-
-
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
-    """AdamW with main.py's groups: non-backbone parameters at ``--lr``, backbone ones at ``--lr_backbone``."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    param_groups = [
-        {"params": [p for n, p in named if "backbone" not in n], "lr": args.lr},
-        {"params": [p for n, p in named if "backbone" in n], "lr": args.lr_backbone},
-    ]
-    return torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
 class Setup:
@@ -380,7 +372,7 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     if args.image_size is None:
         args.image_size = list(CUDA_IMAGE_SIZE if device.type == "cuda" else OTHER_IMAGE_SIZE)
-    num_classes = args.num_classes if args.num_classes is not None else COCO_NUM_CLASSES
+    num_classes = resolve_num_classes(args)
     env = environment(device)
 
     samples, targets = synthetic_batch(args.batch_size, args.image_size, args.num_objects, num_classes, args.seed)

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets import coco_split_paths  # noqa: E402
 from datasets.coco import CocoDetection, ImageLoadError  # noqa: E402
 from datasets.transforms import Compose, Normalize, ToTensor  # noqa: E402
-from main import get_args_parser  # noqa: E402
+from cli import get_args_parser  # noqa: E402
+from models.builder import resolve_num_classes  # noqa: E402
 from models.dn_components import DecoderQueries, DNConfig, DNMeta, dn_attention_mask, prepare_for_dn  # noqa: E402
 from util.box_ops import box_cxcywh_to_xyxy  # noqa: E402
 from util.visualization import DrawnBox, class_caption, draw_boxes, enlarge_for_display, palette_color  # noqa: E402
@@ -93,7 +94,8 @@ def load_example(args: argparse.Namespace) -> Example:
     image = dataset.load_image(image_id)
     _, target = Compose([ToTensor(), Normalize()])(image, dataset.make_target(image_id, image.size))
     names = {c["id"]: c.get("name") or f"class {c['id']}" for c in dataset.coco.cats.values()}
-    num_classes = args.num_classes if args.num_classes is not None else max(dataset.coco.getCatIds()) + 1
+    num_classes = resolve_num_classes(args, dataset_max_category_id=max(dataset.coco.getCatIds()),
+                                      dataset_name=str(dataset.ann_file))
     return Example(image, image_id, target["labels"], target["boxes"], names, num_classes,
                    f"{dataset.img_folder / dataset.coco.imgs[image_id]['file_name']} (image id {image_id})")
 

@@ -163,9 +163,10 @@ def check_dn_meta(r):
     if not r["cfg"].use_dn:
         assert meta is None, "without --use_dn the training forward must carry no DN meta (spec §9.3)"
         return
+    predictions = r["m_train"].get("dn_outputs")
     if dn["pad"] == 0:
         assert meta is None or meta.pad_size == 0, "all-empty batch: pad must be 0 (spec §3.3)"
-        assert meta is None or meta.pred_logits is None, "pad 0: no DN predictions are recorded (spec §3.5)"
+        assert predictions is None, "pad 0: no DN predictions are recorded (spec §3.5)"
         return
     entries = dn["entries"]
     assert meta.pad_size == dn["pad"], f"pad_size {meta.pad_size} vs spec {dn['pad']}"
@@ -177,8 +178,8 @@ def check_dn_meta(r):
     assert_close(meta.boxes, torch.stack([e["box"] for e in entries]), "clean DN boxes", 0)
     assert meta.noised_labels.tolist() == [int(x) for x in dn["noised_labels"]], "noised DN labels"
     assert_close(meta.noised_boxes, torch.stack(list(dn["noised_boxes"])), "noised DN boxes", 1e-6)
-    assert_close(meta.pred_logits, r["o_train"]["dn_pred_logits"], "dn_meta.pred_logits", tol(r))
-    assert_close(meta.pred_boxes, r["o_train"]["dn_pred_boxes"], "dn_meta.pred_boxes", tol(r))
+    assert_close(predictions.pred_logits, r["o_train"]["dn_pred_logits"], "dn_outputs.pred_logits", tol(r))
+    assert_close(predictions.pred_boxes, r["o_train"]["dn_pred_boxes"], "dn_outputs.pred_boxes", tol(r))
 
 
 def check_eval_mode_losses(r):

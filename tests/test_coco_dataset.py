@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from datasets import build_dataset, get_coco_api_from_dataset, infer_num_classes
+from datasets import build_dataset, get_coco_api_from_dataset
+from models.builder import resolve_num_classes
 from datasets.coco import AnnotationRepairWarning, CocoDetection, ImageLoadError
 from util.misc import collate_fn
 
@@ -192,6 +193,10 @@ def test_coco_api_through_subsets_and_num_classes(synthetic_coco, tmp_path):
     assert get_coco_api_from_dataset(Subset(Subset(dataset, [0, 1, 2]), [1])) is dataset.coco
     with pytest.raises(TypeError, match="no COCO ground truth"):
         get_coco_api_from_dataset([1, 2])
-    assert infer_num_classes(synthetic_coco / "annotations" / "instances_train2017.json") == 12
-    with pytest.raises(FileNotFoundError, match="missing.json not found"):
-        infer_num_classes(tmp_path / "missing.json")
+    max_id = max(dataset.coco.getCatIds())
+    args = _args(synthetic_coco)
+    args.num_classes = None
+    assert resolve_num_classes(args, dataset_max_category_id=max_id) == 12 and args.num_classes == 12
+    args.num_classes = 5
+    with pytest.raises(ValueError, match="--num_classes 5 is too small"):
+        resolve_num_classes(args, dataset_max_category_id=max_id)

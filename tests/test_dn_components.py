@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.dn_components import (DNConfig, add_box_noise, add_label_noise, compute_dn_loss, dn_attention_mask,
-                                  prepare_for_dn, split_dn_outputs)
+from models.criterion import dn_losses
+from models.dn_components import DNConfig, add_box_noise, add_label_noise, dn_attention_mask, prepare_for_dn, split_dn_outputs
 from tests.model_utils import random_targets
 
 D, NUM_CLASSES = 8, 11
@@ -154,9 +154,9 @@ def test_batch_without_objects_has_no_denoising_queries():
     assert queries.dn_meta.pad_size == 0 and queries.attn_mask is None
     assert torch.equal(queries.content, content.expand(2, -1, -1))
     logits, boxes = torch.randn(3, 2, 5, NUM_CLASSES), torch.rand(3, 2, 5, 4)
-    split_logits, split_boxes, meta = split_dn_outputs(logits, boxes, queries.dn_meta)
-    assert split_logits is logits and split_boxes is boxes
-    losses = compute_dn_loss(meta, 3, True, 0.25, "cpu")
+    split_logits, split_boxes, predictions = split_dn_outputs(logits, boxes, queries.dn_meta)
+    assert split_logits is logits and split_boxes is boxes and predictions is None
+    losses = dn_losses(queries.dn_meta, predictions, 3, 0.25, "cpu")
     assert len(losses) == 3 * 4
     assert all(v.item() == 0 and not v.requires_grad for v in losses.values())
 
@@ -177,14 +177,14 @@ def test_split_and_losses_reconstruct_perfect_predictions():
     boxes = torch.full((num_layers, 2, meta.pad_size + num_matching, 4), 0.5)
     logits[:, meta.batch_idx, meta.query_idx, meta.labels] = 20.0
     boxes[:, meta.batch_idx, meta.query_idx] = meta.boxes
-    matching_logits, matching_boxes, meta = split_dn_outputs(logits, boxes, meta)
+    matching_logits, matching_boxes, predictions = split_dn_outputs(logits, boxes, meta)
     assert matching_logits.shape == (num_layers, 2, num_matching, NUM_CLASSES)
     assert matching_boxes.shape == (num_layers, 2, num_matching, 4)
-    losses = compute_dn_loss(meta, num_layers, True, 0.25, "cpu")
+    losses = dn_losses(meta, predictions, num_layers, 0.25, "cpu")
     assert set(losses) == {"tgt_loss_ce", "tgt_class_error", "tgt_loss_bbox", "tgt_loss_giou",
                            "tgt_loss_ce_0", "tgt_class_error_0", "tgt_loss_bbox_0", "tgt_loss_giou_0"}
     assert losses["tgt_loss_bbox"].item() == pytest.approx(0, abs=1e-6)
-    # Not exactly 0: the reference's +1e-6 in the IoU denominator (spec §1.5) leaves ~1e-6 / area.
+    # Not exactly 0: the original's +1e-6 in the IoU denominator leaves ~1e-6 / area.
     assert losses["tgt_loss_giou"].item() == pytest.approx(0, abs=1e-3)
     assert losses["tgt_loss_ce"].item() < 1e-6
     assert losses["tgt_class_error"].item() == 0
@@ -196,8 +196,8 @@ def test_dn_loss_normaliser_is_the_local_entry_count():
     meta = queries.dn_meta
     logits = torch.zeros(1, 2, meta.pad_size, NUM_CLASSES)
     boxes = torch.full((1, 2, meta.pad_size, 4), 0.5)
-    _, _, meta = split_dn_outputs(logits, boxes, meta)
-    losses = compute_dn_loss(meta, 1, False, 0.25, "cpu")
+    _, _, predictions = split_dn_outputs(logits, boxes, meta)
+    losses = dn_losses(meta, predictions, 1, 0.25, "cpu")
     expected_l1 = (torch.full_like(meta.boxes, 0.5) - meta.boxes).abs().sum() / 9
     assert torch.allclose(losses["tgt_loss_bbox"], expected_l1)
     # Focal loss of zero logits: p = 0.5 everywhere, sum over 9 entries x C classes / 9.

@@ -13,12 +13,14 @@ from PIL import Image
 
 import inference
 from datasets.transforms import make_coco_transforms
-from main import checkpoint_state, get_args_parser
+from main import get_args_parser
+from util.checkpoint import checkpoint_state
 from models import build_model
 from tests.model_utils import TINY_MODEL_FLAGS, tiny_args
 from util.checkpoint import save_checkpoint
 from util.misc import nested_tensor_from_tensor_list
-from util.visualization import COCO_CATEGORY_NAMES, class_caption
+from util.coco_categories import COCO_CATEGORY_NAMES
+from util.visualization import class_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 12  # the synthetic categories go up to id 11

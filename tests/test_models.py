@@ -31,7 +31,7 @@ def test_dn_training_step_produces_all_losses_and_gradients(modelname):
     assert outputs["pred_logits"].shape == (2, 12, 11) and outputs["pred_boxes"].shape == (2, 12, 4)
     assert len(outputs["aux_outputs"]) == 2
     meta = outputs["dn_meta"]
-    assert meta.pad_size == 5 * 3 and meta.pred_logits.shape == (3, 2, 15, 11)
+    assert meta.pad_size == 5 * 3 and outputs["dn_outputs"].pred_logits.shape == (3, 2, 15, 11)
     expected = {"loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error",
                 "tgt_loss_ce", "tgt_loss_bbox", "tgt_loss_giou", "tgt_class_error"}
     for i in range(2):

@@ -1,7 +1,7 @@
 """Box conversions and pairwise (generalised) IoU.
 
 Boxes are ``(cx, cy, w, h)`` or ``(x0, y0, x1, y1)``. The ``+1e-6`` terms in the IoU and GIoU
-denominators are part of the reference numerics (spec §1.5) and must stay.
+denominators are part of the original release's numerics and must stay.
 """
 import torch
 

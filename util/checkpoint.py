@@ -177,3 +177,77 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", download_d
     if checkpoint.get("args") is not None:
         checkpoint["args"] = args_to_dict(checkpoint["args"])
     return checkpoint
+
+
+# Flags that define the network and the image size it was trained for; a checkpoint's recorded values
+# fill in the ones not given explicitly.
+CHECKPOINT_FLAGS = (
+    "modelname", "num_classes", "backbone", "dilation", "batch_norm_type", "position_embedding", "pe_temperatureH",
+    "pe_temperatureW", "enc_layers", "dec_layers", "dim_feedforward", "hidden_dim", "nheads", "num_queries",
+    "pre_norm", "transformer_activation", "num_patterns", "num_feature_levels", "enc_n_points", "dec_n_points",
+    "val_scale", "max_size",
+)
+
+
+def adopt_checkpoint_model_args(args: argparse.Namespace, checkpoint_args: Optional[Mapping[str, Any]],
+                                defaults: argparse.ArgumentParser, logger) -> None:
+    """Take the ``CHECKPOINT_FLAGS`` a checkpoint was trained with where neither the command line nor a
+    config set them (they still hold the ``defaults`` parser's default), so ``--eval --resume CKPT``
+    rebuilds that network and feeds it images of the size it was trained for."""
+    if not checkpoint_args:
+        return
+    for flag in CHECKPOINT_FLAGS:
+        if flag not in checkpoint_args or getattr(args, flag) != defaults.get_default(flag):
+            continue
+        recorded = checkpoint_args[flag]
+        if recorded != getattr(args, flag):
+            logger.warning(f"--{flag} {recorded!r} taken from the checkpoint (default {getattr(args, flag)!r})")
+            setattr(args, flag, recorded)
+
+
+def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args: argparse.Namespace) -> dict:
+    """The DETR checkpoint layout (``model``, ``optimizer``, ``lr_scheduler``, ``epoch``, ``args``) + AMP scaler."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args).copy()}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def strip_ddp_prefix(state_dict: dict) -> dict:
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def load_pretrained_weights(model, path: str, ignore_keywords, logger) -> None:
+    """Weights only, non-strict: entries whose name contains an ``--finetune_ignore`` keyword are dropped."""
+    state = strip_ddp_prefix(load_checkpoint(path)["model"])
+    if ignore_keywords:
+        dropped = [k for k in state if any(word in k for word in ignore_keywords)]
+        state = {k: v for k, v in state.items() if k not in dropped}
+        logger.info(f"--finetune_ignore dropped {len(dropped)} entries: {dropped}")
+    result = model.load_state_dict(state, strict=False)
+    logger.info(f"Loaded {path}: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+
+
+def restore_checkpoint(checkpoint: dict, args: argparse.Namespace, model, optimizer, lr_scheduler, scaler, logger) -> None:
+    """``--resume``: the model strictly; in training also optimizer, scheduler, scaler and the epoch."""
+    model.load_state_dict(strip_ddp_prefix(checkpoint["model"]), strict=True)
+    logger.info(f"Resumed model weights from {args.resume}")
+    if args.eval or not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+        return
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if scaler is not None and "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    if args.override_resumed_lr_drop:
+        logger.warning("--override_resumed_lr_drop: the lr schedule follows --lr_drop and the current --lr flags")
+        lr_scheduler.step_size = args.lr_drop
+        lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
+        for group, base_lr in zip(optimizer.param_groups, lr_scheduler.base_lrs):
+            group["lr"] = base_lr * lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
+    args.start_epoch = checkpoint["epoch"] + 1
+    if args.drop_lr_now:
+        for group in optimizer.param_groups:
+            group["lr"] *= 0.1
+        lr_scheduler.base_lrs = [lr * 0.1 for lr in lr_scheduler.base_lrs]
+    logger.info(f"Resuming training at epoch {args.start_epoch}, lr {[g['lr'] for g in optimizer.param_groups]}")

@@ -23,7 +23,6 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from util.checkpoint import save_checkpoint
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -49,12 +48,6 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_dist_avail_and_initialized():
         dist.barrier()
-
-
-def save_on_master(*args, **kwargs) -> None:
-    """:func:`util.checkpoint.save_checkpoint` (atomic) on the main process only."""
-    if is_main_process():
-        save_checkpoint(*args, **kwargs)
 
 
 def setup_for_distributed(is_master: bool) -> None:

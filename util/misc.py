@@ -27,7 +27,7 @@ class NestedTensor:
 
 
 def nested_tensor_from_tensor_list(tensor_list: Sequence[torch.Tensor]) -> NestedTensor:
-    """Pad ``[C, H_i, W_i]`` images at the bottom/right to ``[B, C, max H, max W]`` (spec §1.10)."""
+    """Pad ``[C, H_i, W_i]`` images at the bottom/right to ``[B, C, max H, max W]``."""
     if len(tensor_list) == 0:
         raise ValueError("nested_tensor_from_tensor_list: empty list of images")
     if any(img.dim() != 3 for img in tensor_list):
@@ -74,6 +74,6 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> List[torc
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Clamped logit (spec §1.3). ``eps = 1e-3`` saturates at about +-6.9068; that is intended."""
+    """Clamped logit, as the original release computes it. ``eps = 1e-3`` saturates at about +-6.9068; that is intended."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))

@@ -1,13 +1,9 @@
 """Drawing helpers shared by ``inference.py``, ``scripts/visualize_dn.py`` and ``scripts/plot_curves.py``:
-a colour palette, labelled (optionally dashed) boxes drawn with PIL, and class names.
-
-Class names come from a COCO annotation file's ``categories``, or from the built-in COCO-2017 table
-(the 80 names at their ids in the 91-logit layout) for 91-class models; any other id is shown as
-``"class N"``.
+a colour palette, labelled (optionally dashed) boxes drawn with PIL, and class captions (an id without
+a name is shown as ``"class N"``).
 """
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -20,39 +16,8 @@ PALETTE: Tuple[RGB, ...] = (
     (255, 215, 0), (0, 128, 128), (220, 20, 60), (65, 105, 225), (50, 205, 50), (255, 0, 255),
 )
 
-COCO_NUM_CLASSES = 91
-# COCO 2017 detection categories at their official ids (0 and 10 ids unused: 91 logits in total).
-COCO_CATEGORY_NAMES: Dict[int, str] = {
-    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
-    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
-    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear",
-    24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
-    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
-    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle",
-    46: "wine glass", 47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
-    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut",
-    61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet",
-    72: "tv", 73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave",
-    79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
-    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
-}
-
-
 def palette_color(index: int) -> RGB:
     return PALETTE[index % len(PALETTE)]
-
-
-def category_names_from_annotations(ann_file: Union[str, Path]) -> Dict[int, str]:
-    """``{category id: name}`` of a COCO instances file (a category without a name is ``"class N"``)."""
-    from datasets.coco import read_annotation_json  # here, so that plotting curves does not import torch
-
-    categories = read_annotation_json(ann_file)["categories"]
-    return {c["id"]: str(c.get("name") or f"class {c['id']}") for c in categories if isinstance(c.get("id"), int)}
-
-
-def default_category_names(num_classes: Optional[int]) -> Dict[int, str]:
-    """The COCO-2017 names for a 91-logit model (``None`` means the COCO default), no names otherwise."""
-    return dict(COCO_CATEGORY_NAMES) if num_classes in (None, COCO_NUM_CLASSES) else {}
 
 
 def class_caption(label: int, names: Mapping[int, str]) -> str:

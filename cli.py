@@ -1,0 +1,134 @@
+"""The command line shared by ``main.py``, ``inference.py`` and the scripts: the argument parser (the
+official flag names) and the checks of flags against the chosen model."""
+import argparse
+import logging
+
+from models.registry import MODELS
+
+COCO_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DN-DETR", add_help=True)
+    parser.add_argument("--config", type=str, default=None,
+                        help="python config file (configs/*.py) whose variables set the defaults; "
+                             "flags given on the command line override it")
+
+    # model selection and denoising
+    parser.add_argument("-m", "--modelname", type=str, default="dn_dab_detr", choices=sorted(MODELS),
+                        help="; ".join(f"{name}: {entry.description}" for name, entry in sorted(MODELS.items())))
+    parser.add_argument("--use_dn", action=argparse.BooleanOptionalAction, default=False,
+                        help="train with denoising queries (--no-use_dn overrides a config's True)")
+    parser.add_argument("--scalar", type=int, default=5, help="number of denoising groups")
+    parser.add_argument("--label_noise_scale", type=float, default=0.2, help="label flip probability")
+    parser.add_argument("--box_noise_scale", type=float, default=0.4, help="box noise scale lambda")
+    parser.add_argument("--num_patterns", type=int, default=0, help="pattern embeddings (dn_dab_detr)")
+    parser.add_argument("--random_refpoints_xy", action=argparse.BooleanOptionalAction, default=False,
+                        help="initialise anchor x,y uniformly at random (they still train, as officially)")
+
+    # optimisation
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr_backbone", type=float, default=1e-5)
+    parser.add_argument("--batch_size", type=int, default=2, help="images per process")
+    parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--lr_drop", type=int, default=40)
+    parser.add_argument("--override_resumed_lr_drop", action="store_true")
+    parser.add_argument("--drop_lr_now", action="store_true", help="on resume, multiply the lr by 0.1 now")
+    parser.add_argument("--save_checkpoint_interval", type=int, default=10)
+    parser.add_argument("--clip_max_norm", type=float, default=0.1, help="gradient clipping max norm (0: off)")
+
+    # backbone
+    parser.add_argument("--backbone", type=str, default="resnet50",
+                        choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    parser.add_argument("--dilation", action=argparse.BooleanOptionalAction, default=False,
+                        help="DC5: dilate the last ResNet stage")
+    parser.add_argument("--batch_norm_type", type=str, default="FrozenBatchNorm2d",
+                        choices=["FrozenBatchNorm2d", "BatchNorm2d", "SyncBatchNorm"],
+                        help="backbone normalisation (official checkpoints use FrozenBatchNorm2d)")
+    parser.add_argument("--no_pretrained_backbone", action=argparse.BooleanOptionalAction, default=False,
+                        help="do not load torchvision ImageNet weights into the backbone")
+    parser.add_argument("--position_embedding", type=str, default="sine", choices=["sine", "learned"])
+    parser.add_argument("--pe_temperatureH", type=int, default=20)
+    parser.add_argument("--pe_temperatureW", type=int, default=20)
+
+    # transformer
+    parser.add_argument("--enc_layers", type=int, default=6)
+    parser.add_argument("--dec_layers", type=int, default=6)
+    parser.add_argument("--dim_feedforward", type=int, default=2048)
+    parser.add_argument("--hidden_dim", type=int, default=256)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--nheads", type=int, default=8)
+    parser.add_argument("--num_queries", type=int, default=300)
+    parser.add_argument("--pre_norm", action=argparse.BooleanOptionalAction, default=False,
+                        help="dn_dab_detr: add a final encoder LayerNorm (the official meaning of the flag)")
+    parser.add_argument("--transformer_activation", type=str, default="prelu",
+                        choices=["relu", "gelu", "prelu", "selu"])
+    parser.add_argument("--num_select", type=int, default=300, help="detections kept per image (dn_dab_detr)")
+    parser.add_argument("--num_feature_levels", type=int, default=4, help="dn_dab_deformable_detr")
+    parser.add_argument("--enc_n_points", type=int, default=4, help="dn_dab_deformable_detr")
+    parser.add_argument("--dec_n_points", type=int, default=4, help="dn_dab_deformable_detr")
+    parser.add_argument("--two_stage", action="store_true",
+                        help="not supported (the official release does not support it either)")
+
+    # matcher and losses
+    parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                        help="disable the auxiliary decoding losses")
+    parser.add_argument("--set_cost_class", type=float, default=2)
+    parser.add_argument("--set_cost_bbox", type=float, default=5)
+    parser.add_argument("--set_cost_giou", type=float, default=2)
+    parser.add_argument("--cls_loss_coef", type=float, default=1)
+    parser.add_argument("--bbox_loss_coef", type=float, default=5)
+    parser.add_argument("--giou_loss_coef", type=float, default=2)
+    parser.add_argument("--focal_alpha", type=float, default=0.25)
+
+    # data
+    parser.add_argument("--dataset_file", type=str, default="coco", choices=["coco"])
+    parser.add_argument("--coco_path", type=str, default=None, help="COCO-format folder")
+    parser.add_argument("--num_classes", type=int, default=None,
+                        help="classification logits (default: max category id + 1 of the dataset, 91 for COCO)")
+    parser.add_argument("--train_scales", type=int, nargs="+", default=COCO_TRAIN_SCALES,
+                        help="training short-side sizes")
+    parser.add_argument("--max_size", type=int, default=1333, help="long-side cap of the resize")
+    parser.add_argument("--val_scale", type=int, default=800, help="evaluation short-side size")
+    parser.add_argument("--crop_resize_scales", type=int, nargs="+", default=[400, 500, 600],
+                        help="short-side sizes before the random crop")
+    parser.add_argument("--crop_size", type=int, nargs=2, default=[384, 600], metavar=("MIN", "MAX"),
+                        help="random crop side range")
+    parser.add_argument("--num_workers", type=int, default=10)
+
+    # run
+    parser.add_argument("--output_dir", default="", help="where to save logs and checkpoints")
+    parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available, else cpu)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--resume", default="", help="checkpoint to resume from (or evaluate with --eval)")
+    parser.add_argument("--pretrain_model_path", default=None, help="load model weights only (non-strict)")
+    parser.add_argument("--finetune_ignore", type=str, nargs="+", default=None,
+                        help="with --pretrain_model_path: drop weights whose name contains any of these")
+    parser.add_argument("--start_epoch", type=int, default=0)
+    parser.add_argument("--eval", action="store_true", help="evaluate only")
+    parser.add_argument("--save_results", action="store_true", help="write detections as COCO results JSON")
+    parser.add_argument("--debug", action="store_true", help="run a few iterations per epoch only")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                        help="mixed precision: float16 autocast + GradScaler on CUDA, bfloat16 autocast on CPU")
+    parser.add_argument("--find_unused_params", action="store_true")
+
+    # distributed
+    parser.add_argument("--world_size", type=int, default=1)
+    parser.add_argument("--dist_url", default="env://")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    return parser
+
+
+def warn_ignored_flags(args: argparse.Namespace, logger=None) -> None:
+    """Warn about every flag that the chosen model does not read but that was given another value than
+    the parser default or the value the model uses instead (``ModelEntry.ignored_flags``)."""
+    logger = logger or logging.getLogger(__name__)
+    defaults = get_args_parser()
+    for flag, used in MODELS[args.modelname].ignored_flags.items():
+        value = getattr(args, flag)
+        if value in (defaults.get_default(flag), used):
+            continue
+        instead = f"; it uses {used!r}" if used is not None else ""
+        logger.warning(f"--{flag} {value!r} is ignored by {args.modelname}{instead}")

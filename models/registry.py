@@ -1,0 +1,66 @@
+"""The model zoo: every detector ``-m/--modelname`` can build, and the settings each one fixes or ignores.
+
+Adding a DETR variant with denoising = one model file (a :class:`models.detector.DNDetector` subclass and
+its ``build(args, dn_config)``) plus one :class:`ModelEntry` here; the command line, the builder, the
+criterion's weights and the flag checks all read this table.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
+
+from . import dn_dab_deformable_detr, dn_dab_detr
+from .detector import DNDetector
+from .dn_components import DNConfig
+
+
+@dataclass(frozen=True)
+class FromFlag:
+    """A setting whose value is that of a command-line flag (``--<flag>``)."""
+
+    flag: str
+
+    def resolve(self, args) -> Any:
+        return getattr(args, self.flag)
+
+
+def resolve(setting: Union[Any, FromFlag], args) -> Any:
+    """A fixed setting as is, a :class:`FromFlag` setting from ``args``."""
+    return setting.resolve(args) if isinstance(setting, FromFlag) else setting
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    build: Callable[[Any, Optional[DNConfig]], DNDetector]  # the detector from the flags and the noise settings
+    description: str
+    # Focal alpha of the matcher's class cost (the loss always uses --focal_alpha).
+    matcher_focal_alpha: Union[float, FromFlag] = FromFlag("focal_alpha")
+    # Detections kept per image by the post-processor.
+    num_select: Union[int, FromFlag] = FromFlag("num_select")
+    # Weight of the denoising classification loss ``tgt_loss_ce``.
+    dn_class_loss_coef: Union[float, FromFlag] = FromFlag("cls_loss_coef")
+    # Whether the criterion logs the L1 box loss split into centre (``loss_xy``) and size (``loss_hw``).
+    log_xy_hw: bool = True
+    # Flags the model cannot honour: setting one (to a true / non-zero value) is an error.
+    unsupported_flags: Tuple[str, ...] = ()
+    # Flags the model does not read, with the value it uses in their place (None: the flag has no
+    # meaning for it). Giving another value than that or the parser default draws a warning.
+    ignored_flags: Mapping[str, Any] = field(default_factory=dict)
+
+
+MODELS = {
+    "dn_dab_detr": ModelEntry(
+        build=dn_dab_detr.build,
+        description="DN-DAB-DETR: single scale, DAB-DETR transformer, pattern embeddings",
+        unsupported_flags=("two_stage",),
+        ignored_flags={"num_feature_levels": None, "enc_n_points": None, "dec_n_points": None},
+    ),
+    "dn_dab_deformable_detr": ModelEntry(
+        build=dn_dab_deformable_detr.build,
+        description="DN-DAB-Deformable-DETR: multi-scale deformable attention in encoder and decoder",
+        matcher_focal_alpha=0.25,
+        num_select=100,
+        log_xy_hw=False,
+        unsupported_flags=("two_stage", "num_patterns"),
+        ignored_flags={"transformer_activation": "relu", "num_select": 100, "pe_temperatureH": 10000,
+                       "pe_temperatureW": 10000, "pre_norm": None},
+    ),
+}
