@@ -7,7 +7,7 @@ criterion's weights and the flag checks all read this table.
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
-from . import dn_dab_deformable_detr, dn_dab_detr
+from . import dn_dab_deformable_detr, dn_dab_deformable_detr_deformable_encoder_only, dn_dab_detr
 from .detector import DNDetector
 from .dn_components import DNConfig
 
@@ -62,5 +62,13 @@ MODELS = {
         unsupported_flags=("two_stage", "num_patterns"),
         ignored_flags={"transformer_activation": "relu", "num_select": 100, "pe_temperatureH": 10000,
                        "pe_temperatureW": 10000, "pre_norm": None},
+    ),
+    "dn_dab_deformable_detr_deformable_encoder_only": ModelEntry(
+        build=dn_dab_deformable_detr_deformable_encoder_only.build,
+        description="DN-DAB-Deformable-DETR (deformable encoder only): multi-scale deformable encoder, "
+                    "DAB decoder attending to every level densely",
+        dn_class_loss_coef=1.0,  # fixed in the original release, whatever --cls_loss_coef says
+        unsupported_flags=("two_stage",),
+        ignored_flags={"pre_norm": None, "dec_n_points": None, "random_refpoints_xy": None},
     ),
 }
