@@ -424,7 +424,10 @@ def decoder_layer(params, cfg, l, out, memory, attn_mask, mask, pos, query_pos, 
     return layer_norm(out + ffn, params, p + ".norm3")
 
 
-def decoder(params, cfg, tgt, anchors, memory, attn_mask, mask, pos):
+def decoder(params, cfg, tgt, anchors, memory, attn_mask, mask, pos, layer_fn=None):
+    """``layer_fn`` (same signature as :func:`decoder_layer`) replaces the single-map layer, e.g. by the
+    encoder-only model's multi-scale layer; everything around the layer is shared."""
+    layer_fn = layer_fn or decoder_layer
     D = cfg.hidden_dim
     out = tgt
     r = sigmoid(anchors)
@@ -442,7 +445,7 @@ def decoder(params, cfg, tgt, anchors, memory, attn_mask, mask, pos):
         y_part = sine_q[..., :D // 2] * (m[..., 1] / r[..., 3])[..., None]
         x_part = sine_q[..., D // 2:] * (m[..., 0] / r[..., 2])[..., None]
         sine_q = torch.cat([y_part, x_part], dim=-1)
-        out = decoder_layer(params, cfg, l, out, memory, attn_mask, mask, pos, query_pos, sine_q)
+        out = layer_fn(params, cfg, l, out, memory, attn_mask, mask, pos, query_pos, sine_q)
         delta = mlp(out, params, bbox, 3)
         r_new = sigmoid(delta + inverse_sigmoid(r))
         if l < cfg.dec_layers - 1:

@@ -270,8 +270,11 @@ def encoder_reference_points(spatial_shapes, ratios):
 # Encoder (§4.3 step 6), queries (§3, §3.7), decoder (§4.3 steps 7-8)
 # ----------------------------------------------------------------------------------------------------------
 
-def ffn(x, params, prefix):
-    return linear(torch.clamp(linear(x, params, prefix + ".linear1"), min=0.0), params, prefix + ".linear2")
+def ffn(x, params, prefix, kind="relu"):
+    """linear2(act(linear1(x))); ``kind`` as :func:`tests.spec_oracle.activation` (PReLU reads
+    ``<prefix>.activation.weight``)."""
+    return linear(base.activation(linear(x, params, prefix + ".linear1"), params, prefix, kind), params,
+                  prefix + ".linear2")
 
 
 def encoder(params, cfg, src, lvl_pos, reference, spatial_shapes, mask):
@@ -281,7 +284,7 @@ def encoder(params, cfg, src, lvl_pos, reference, spatial_shapes, mask):
         a = msda(params, p + ".self_attn", x + lvl_pos, reference, x, spatial_shapes, mask, cfg.nheads,
                  cfg.enc_n_points)
         x = layer_norm(x + a, params, p + ".norm1")
-        x = layer_norm(x + ffn(x, params, p), params, p + ".norm2")
+        x = layer_norm(x + ffn(x, params, p, cfg.activation), params, p + ".norm2")
     return x
 
 

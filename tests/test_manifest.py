@@ -105,3 +105,67 @@ def test_dn_dab_deformable_detr_r50_matches_manifest_in_order(use_dn):
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 346 and trainable[0] == "transformer.level_embed"
     assert_loads_strictly(model, rows)
+
+
+ENCODER_ONLY = "dn_dab_deformable_detr_deformable_encoder_only"
+ENCODER_ONLY_MANIFEST = "dn_dab_deformable_detr_encoder_only_r50.tsv"
+# The model flags of the README's 48.6 AP row (encoder-only spec §1).
+ENCODER_ONLY_REFERENCE = ["-m", ENCODER_ONLY, "--use_dn", "--transformer_activation", "relu", "--num_patterns", "3"]
+
+
+def test_encoder_only_r50_matches_manifest_in_order():
+    rows = read_manifest(ENCODER_ONLY_MANIFEST)
+    assert len(rows) == 627
+    model = build(*ENCODER_ONLY_REFERENCE)
+    assert model_rows(model) == rows
+    assert sum(p.numel() for p in model.parameters()) == 48_488_589
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 48_266_189
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 398 and trainable[0] == "transformer.level_embed"  # official optimizer layout (§2.3)
+    assert len([n for n in trainable if "backbone" not in n]) == 356
+    assert next(n for n in trainable if "backbone" in n) == "backbone.0.body.layer2.0.conv1.weight"
+    assert_loads_strictly(model, rows)
+
+
+def test_encoder_only_without_dn_or_with_dc5_has_the_same_state_dict():
+    rows = read_manifest(ENCODER_ONLY_MANIFEST)
+    assert model_rows(build(*[f for f in ENCODER_ONLY_REFERENCE if f != "--use_dn"])) == rows
+    assert model_rows(build(*ENCODER_ONLY_REFERENCE, "--dilation")) == rows
+
+
+def test_encoder_only_without_patterns_drops_the_pattern_entry():
+    rows = [r for r in read_manifest(ENCODER_ONLY_MANIFEST) if r[0] != "transformer.patterns.weight"]
+    assert len(rows) == 626
+    model = build("-m", ENCODER_ONLY, "--use_dn", "--transformer_activation", "relu")
+    assert model_rows(model) == rows
+    assert sum(p.numel() for p in model.parameters()) == 48_487_821
+
+
+def test_encoder_only_prelu_adds_twelve_activation_slopes():
+    """The main.py default activation (prelu): one slope per encoder layer between linear1.bias and
+    linear2.weight, one per decoder layer after norm3.bias (spec §2.4)."""
+    expected = []
+    for row in read_manifest(ENCODER_ONLY_MANIFEST):
+        key = row[0]
+        if key.startswith("transformer.encoder.layers.") and key.endswith(".linear2.weight"):
+            expected.append((key.replace("linear2.weight", "activation.weight"), (1,), "float32"))
+        expected.append(row)
+        if key.startswith("transformer.decoder.layers.") and key.endswith(".norm3.bias"):
+            expected.append((key.replace("norm3.bias", "activation.weight"), (1,), "float32"))
+    assert len(expected) == 639
+    model = build("-m", ENCODER_ONLY, "--use_dn", "--num_patterns", "3")
+    assert model_rows(model) == expected
+    assert sum(p.numel() for p in model.parameters()) == 48_488_601
+
+
+def test_encoder_only_resnet101_adds_layer3_blocks_6_to_22():
+    rows = read_manifest(ENCODER_ONLY_MANIFEST)
+    model = build(*ENCODER_ONLY_REFERENCE, "--backbone", "resnet101")
+    got = model_rows(model)
+    extra = [key for key, _, _ in got if key not in {k for k, _, _ in rows}]
+    assert len(got) == 882 and len(extra) == 255
+    assert {key.split(".")[4] for key in extra} == {str(i) for i in range(6, 23)}
+    assert all(key.startswith("backbone.0.body.layer3.") for key in extra)
+    assert [r for r in got if r[0] not in extra] == rows
+    assert sum(p.numel() for p in model.parameters()) == 67_428_493
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 67_206_093
