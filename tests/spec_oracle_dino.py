@@ -31,6 +31,22 @@ The oracle works on a *parameter dict* (state-dict names -> tensors, float64 lea
   ``oracle_total_loss(losses, cfg)``, ``oracle_postprocess(out, target_sizes, cfg)``.
 * ``oracle_dn_noise(targets, cfg, draws=None)`` (§8 order; ``draws`` from :func:`oracle_dn_draws` can be
   injected), ``dn_entries``, ``dn_group_count``, ``encoder_proposals``, ``expected_state_dict_keys(cfg)``.
+
+Decisions where the spec is silent or where the official code crashes (§1.3, §10), so the model must agree:
+
+* ``--contrastive --box_noise_scale 0`` (§10.4): the split is computed anyway; no sign / magnitude draws and
+  the boxes stay exactly the clean ones (no corner round trip).
+* DN without ``--contrastive`` (§10.2): the §4.2 non-contrastive path; the group-count rule of §4.2 step 2 is
+  applied with ``P = n_max`` (only ``--scalar < 100`` is tested; dynamic groups there are not specified).
+* No ``--use_dn`` (§10.2): M§9.3 (no DN rows, mask, meta, ``tgt_*`` keys or weights); with two-stage the
+  decoder gets the K mixed queries only.
+* ``--num_patterns > 0`` with two-stage: ``patterns_embed`` exists (637-entry manifest) and is never read;
+  without two-stage: a clear ValueError (nothing it could mean). Two-stage with fewer than K encoder tokens:
+  ValueError naming ``--num_queries`` (§10.7).
+* The proposal grid, validity and proposal logits are computed in float32 (mask-derived, like the valid
+  ratios), then cast to the model dtype for the addition to the box head output.
+* The weight dict carries the ``_enc`` copies whenever aux loss is on, with or without two-stage (§5.5 makes no
+  distinction; M§5.4: the deformable builder adds them too).
 """
 import math
 from dataclasses import asdict, dataclass, replace
