@@ -25,6 +25,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_patterns", type=int, default=0, help="pattern embeddings (dn_dab_detr)")
     parser.add_argument("--random_refpoints_xy", action=argparse.BooleanOptionalAction, default=False,
                         help="initialise anchor x,y uniformly at random (they still train, as officially)")
+    parser.add_argument("--contrastive", action="store_true",
+                        help="dn_dab_dino_deformable_detr: contrastive denoising, a positive and a negative "
+                             "(to be classified as no object) denoising query per ground truth and group")
+    parser.add_argument("--cdn_split_per_image", action="store_true",
+                        help="with --contrastive: the negatives are each image's copies of its ground truth "
+                             "(default: the second half of each group, as the original; wrong for batches with "
+                             "several non-empty images)")
+    parser.add_argument("--use_mqs", action="store_true",
+                        help="dn_dab_dino_deformable_detr: accepted for compatibility; mixed query selection is "
+                             "on exactly with --two_stage")
+    parser.add_argument("--use_lft", action="store_true",
+                        help="dn_dab_dino_deformable_detr: accepted for compatibility; look-forward-twice is "
+                             "always on")
 
     # optimisation
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -69,7 +82,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enc_n_points", type=int, default=4, help="dn_dab_deformable_detr")
     parser.add_argument("--dec_n_points", type=int, default=4, help="dn_dab_deformable_detr")
     parser.add_argument("--two_stage", action="store_true",
-                        help="not supported (the official release does not support it either)")
+                        help="dn_dab_dino_deformable_detr: matching queries selected from encoder proposals "
+                             "(not supported by the other models)")
+    parser.add_argument("--num_results", type=int, default=300,
+                        help="detections kept per image (dn_dab_dino_deformable_detr)")
 
     # matcher and losses
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",

@@ -38,6 +38,14 @@ def resolve_num_classes(args, dataset_max_category_id: Optional[int] = None, dat
     return args.num_classes
 
 
+def build_dn_config(args) -> Optional[DNConfig]:
+    """The denoising settings of ``args`` (None without ``--use_dn``), with the ones the model fixes."""
+    if not args.use_dn:
+        return None
+    return DNConfig(args.scalar, args.label_noise_scale, args.box_noise_scale, contrastive=args.contrastive,
+                    negatives_per_image=args.cdn_split_per_image, **MODELS[args.modelname].dn_options)
+
+
 def build_model(args) -> Tuple[nn.Module, SetCriterion, Dict[str, nn.Module]]:
     """``args`` is the namespace of ``cli.get_args_parser()``; the model is built on the CPU."""
     if args.modelname not in MODELS:
@@ -47,11 +55,12 @@ def build_model(args) -> Tuple[nn.Module, SetCriterion, Dict[str, nn.Module]]:
         if getattr(args, flag):
             raise ValueError(f"--{flag} is not supported by {args.modelname}")
     resolve_num_classes(args)
-    dn_config = DNConfig(args.scalar, args.label_noise_scale, args.box_noise_scale) if args.use_dn else None
+    dn_config = build_dn_config(args)
     model = entry.build(args, dn_config)
 
     weight_dict = build_weight_dict(args, model.transformer.decoder.num_layers, denoising=dn_config is not None,
-                                    dn_class_loss_coef=resolve(entry.dn_class_loss_coef, args), aux_loss=args.aux_loss)
+                                    dn_class_loss_coef=resolve(entry.dn_class_loss_coef, args), aux_loss=args.aux_loss,
+                                    encoder_losses=entry.encoder_losses)
     matcher = build_matcher(args, resolve(entry.matcher_focal_alpha, args))
     criterion = SetCriterion(args.num_classes, matcher, weight_dict, focal_alpha=args.focal_alpha,
                              log_xy_hw=entry.log_xy_hw)

@@ -185,7 +185,7 @@ CHECKPOINT_FLAGS = (
     "modelname", "num_classes", "backbone", "dilation", "batch_norm_type", "position_embedding", "pe_temperatureH",
     "pe_temperatureW", "enc_layers", "dec_layers", "dim_feedforward", "hidden_dim", "nheads", "num_queries",
     "pre_norm", "transformer_activation", "num_patterns", "num_feature_levels", "enc_n_points", "dec_n_points",
-    "val_scale", "max_size",
+    "two_stage", "num_results", "val_scale", "max_size",
 )
 
 
