@@ -12,7 +12,7 @@ TINY_FLAGS = TINY_MODEL_FLAGS + ["--num_classes", "11"]
 
 def tiny_args(modelname: str = "dn_dab_detr", *extra: str):
     flags = ["-m", modelname] + TINY_FLAGS + list(extra)
-    if modelname == "dn_dab_deformable_detr":
+    if modelname in ("dn_dab_deformable_detr", "dn_dab_dino_deformable_detr"):
         flags += ["--transformer_activation", "relu"]
     return get_args_parser().parse_args(flags)
 

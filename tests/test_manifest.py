@@ -9,7 +9,10 @@ import torch
 
 from main import get_args_parser
 from models import build_model
+from util.checkpoint import CHECKPOINT_FLAGS
+from util.config import parse_args
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 
 
@@ -193,6 +196,14 @@ def test_dn_dab_dino_deformable_detr_r50_matches_manifest_in_order():
     assert trainable[0] == "transformer.level_embed"
     assert next(n for n in trainable if "backbone" in n) == "backbone.0.body.layer2.0.conv1.weight"
     assert_loads_strictly(model, rows)
+
+
+def test_dino_reference_config_has_the_manifest_flags():
+    config = parse_args(get_args_parser(), ["--config", str(ROOT / "configs" / "dn_dab_dino_deformable_detr_r50.py")])
+    reference = get_args_parser().parse_args(DINO_REFERENCE)
+    for flag in CHECKPOINT_FLAGS + ("use_dn", "contrastive", "cdn_split_per_image", "scalar"):
+        assert getattr(config, flag) == getattr(reference, flag), flag
+    assert config.epochs == 36
 
 
 @pytest.mark.parametrize("flags", [["--use_dn", "--contrastive"], ["--use_dn", "--contrastive", "--use_mqs", "--use_lft"],

@@ -68,6 +68,8 @@ CASES = {
                                  [(64, 64), (90, 120)]),
     # Dynamic groups (§4.2 step 2): P = 6, G = 100 // 6 = 16, pad = 96.
     "ts_cdn_dynamic_groups": (TS + CDN + ["--scalar", "100"], 2, [2, 3], [(80, 64), (64, 100)]),
+    # Dynamic groups with very different object counts and an image without any: P = 12, G = 8, pad = 96.
+    "ts_cdn_dynamic_groups_uneven": (TS + CDN + ["--scalar", "100"], 10, [0, 6, 1], [(64, 64), (96, 80), (72, 96)]),
     # DN without --contrastive (§4.2 last paragraph; crashes officially, §10.2), one feature level.
     "ts_dn_plain_one_level": (TS + ["--use_dn", "--scalar", "2", "--num_feature_levels", "1"], 3, [1, 0, 2],
                               [(80, 64), (64, 100), (50, 70)]),
@@ -195,6 +197,8 @@ def test_cases_exercise_their_features():
         "some positive label must be flipped"
     dn = run_case("ts_cdn_dynamic_groups")["o_train"]["dn"]
     assert (dn["group_size"], dn["num_groups"], dn["pad"]) == (6, 16, 96)
+    dn = run_case("ts_cdn_dynamic_groups_uneven")["o_train"]["dn"]
+    assert (dn["group_size"], dn["num_groups"], dn["pad"]) == (12, 8, 96)
     r = run_case("ts_selects_padding")
     for out in (r["o_eval"], r["o_train"]):
         chosen = torch.gather(out["proposal_valid"], 1, out["topk_indices"])
