@@ -13,7 +13,7 @@ from util.misc import inverse_sigmoid
 
 from .attention import MultiheadAttentionNoInProj
 from .detector import EncoderMemory, FeatureLevels
-from .layers import MLP, build_activation, clone_modules
+from .layers import MLP, build_activation, clone_modules, transformer_size
 from .position_encoding import anchor_sine_embedding
 
 
@@ -237,14 +237,5 @@ class Transformer(DABDecoding, nn.Module):
 
 
 def build_dab_transformer(args) -> Transformer:
-    return Transformer(
-        d_model=args.hidden_dim,
-        nhead=args.nheads,
-        num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers,
-        dim_feedforward=args.dim_feedforward,
-        dropout=args.dropout,
-        activation=args.transformer_activation,
-        encoder_final_norm=args.pre_norm,
-        num_patterns=args.num_patterns,
-    )
+    return Transformer(**transformer_size(args), activation=args.transformer_activation,
+                       encoder_final_norm=args.pre_norm, num_patterns=args.num_patterns)

@@ -13,7 +13,7 @@ from torch import nn
 from util.misc import inverse_sigmoid
 
 from .detector import EncoderMemory, FeatureLevels
-from .layers import MLP, build_activation, clone_modules
+from .layers import MLP, build_activation, clone_modules, transformer_size
 from .ops import MSDeformAttn
 from .position_encoding import anchor_sine_embedding
 
@@ -190,14 +190,5 @@ class DeformableTransformer(DeformableEncoding, nn.Module):
 
 
 def build_deformable_transformer(args) -> DeformableTransformer:
-    return DeformableTransformer(
-        d_model=args.hidden_dim,
-        nhead=args.nheads,
-        num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers,
-        dim_feedforward=args.dim_feedforward,
-        dropout=args.dropout,
-        num_feature_levels=args.num_feature_levels,
-        dec_n_points=args.dec_n_points,
-        enc_n_points=args.enc_n_points,
-    )
+    return DeformableTransformer(**transformer_size(args), num_feature_levels=args.num_feature_levels,
+                                 dec_n_points=args.dec_n_points, enc_n_points=args.enc_n_points)

@@ -34,3 +34,9 @@ def build_activation(name: str):
 
 def clone_modules(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
+
+
+def transformer_size(args) -> dict:
+    """The size flags every transformer takes, as its constructor's keyword arguments."""
+    return dict(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
+                num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout)

@@ -8,7 +8,7 @@ import torch
 from models import build_model
 from tests.model_utils import random_images, random_targets, tiny_args
 
-MODELS = ["dn_dab_detr", "dn_dab_deformable_detr"]
+MODELS = ["dn_dab_detr", "dn_dab_deformable_detr", "dn_dab_deformable_detr_deformable_encoder_only"]
 SIZES = [(96, 128), (128, 80)]
 
 
