@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from main import get_args_parser
+from cli import get_args_parser
 from util.config import ConfigError, load_config, parse_args, save_config, validate_config
 
 REPO_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
