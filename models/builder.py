@@ -42,6 +42,8 @@ def build_model(args) -> Tuple[nn.Module, SetCriterion, Dict[str, nn.Module]]:
     resolve_num_classes(args)
     dn_config = DNConfig(args.scalar, args.label_noise_scale, args.box_noise_scale) if args.use_dn else None
     model = entry.build(args, dn_config)
+    model.transformer.encoder.checkpoint_layers = args.checkpoint_encoder
+    model.transformer.decoder.checkpoint_layers = args.checkpoint_decoder
 
     weight_dict = build_weight_dict(args, model.transformer.decoder.num_layers, denoising=dn_config is not None,
                                     dn_class_loss_coef=resolve(entry.dn_class_loss_coef, args), aux_loss=args.aux_loss)

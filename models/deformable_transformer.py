@@ -13,7 +13,7 @@ from torch import nn
 from util.misc import inverse_sigmoid
 
 from .detector import EncoderMemory, FeatureLevels
-from .layers import MLP, build_activation, clone_modules, transformer_size
+from .layers import MLP, LayerStack, build_activation, transformer_size
 from .ops import MSDeformAttn
 from .position_encoding import anchor_sine_embedding
 
@@ -65,10 +65,9 @@ class DeformableTransformerDecoderLayer(nn.Module):
         return tgt
 
 
-class DeformableTransformerEncoder(nn.Module):
+class DeformableTransformerEncoder(LayerStack):
     def __init__(self, layer: DeformableTransformerEncoderLayer, num_layers: int):
-        super().__init__()
-        self.layers = clone_modules(layer, num_layers)
+        super().__init__(layer, num_layers)
 
     @staticmethod
     def reference_points(spatial_shapes: List[Tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
@@ -90,17 +89,15 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
         output = src
         for layer in self.layers:
-            output = layer(output, pos, reference_points, spatial_shapes, padding_mask)
+            output = self.run_layer(layer, output, pos, reference_points, spatial_shapes, padding_mask)
         return output
 
 
-class DeformableTransformerDecoder(nn.Module):
+class DeformableTransformerDecoder(LayerStack):
     """Anchor-refining decoder; every layer's references are detached before the next layer."""
 
     def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int, d_model: int):
-        super().__init__()
-        self.num_layers = num_layers
-        self.layers = clone_modules(layer, num_layers)
+        super().__init__(layer, num_layers)
         self.query_scale = MLP(d_model, d_model, d_model, 2)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.bbox_embed: Optional[nn.ModuleList] = None  # the detector's per-layer box heads, attached later
@@ -118,8 +115,8 @@ class DeformableTransformerDecoder(nn.Module):
             raw_query_pos = self.ref_point_head(anchor_sine_embedding(reference_input[:, :, 0, :], d_model // 2))
             query_pos = raw_query_pos if layer_id == 0 else self.query_scale(output) * raw_query_pos
 
-            output = layer(output, query_pos, reference_input, memory, spatial_shapes, memory_padding_mask,
-                           self_attn_mask)
+            output = self.run_layer(layer, output, query_pos, reference_input, memory, spatial_shapes,
+                                    memory_padding_mask, self_attn_mask)
 
             reference_points = (self.bbox_embed[layer_id](output) + inverse_sigmoid(reference_points)).sigmoid().detach()
             intermediate.append(output)
