@@ -81,6 +81,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_feature_levels", type=int, default=4, help="dn_dab_deformable_detr")
     parser.add_argument("--enc_n_points", type=int, default=4, help="dn_dab_deformable_detr")
     parser.add_argument("--dec_n_points", type=int, default=4, help="dn_dab_deformable_detr")
+    parser.add_argument("--checkpoint_encoder", action=argparse.BooleanOptionalAction, default=False,
+                        help="activation checkpointing of the encoder layers: recompute their activations in the "
+                             "backward pass instead of keeping them (less memory, more compute, same gradients)")
+    parser.add_argument("--checkpoint_decoder", action=argparse.BooleanOptionalAction, default=False,
+                        help="activation checkpointing of the decoder layers")
     parser.add_argument("--two_stage", action="store_true",
                         help="dn_dab_dino_deformable_detr: matching queries selected from encoder proposals "
                              "(not supported by the other models)")

@@ -47,7 +47,7 @@ from datasets.coco import category_names_from_annotations
 from datasets.transforms import make_coco_transforms
 from engine import autocast
 from models import build_model
-from models.builder import resolve_num_classes
+from models.builder import adopt_state_dict_flags
 from util.checkpoint import CheckpointError, adopt_checkpoint_model_args, load_checkpoint, strip_ddp_prefix
 from util.config import parse_args
 from util.device import resolve_device
@@ -180,8 +180,10 @@ def load_model(args: argparse.Namespace, logger):
                          f"(keys: {sorted(checkpoint)})")
     state_dict = strip_ddp_prefix(checkpoint["model"])
     adopt_checkpoint_model_args(args, checkpoint.get("args"), get_args_parser(), logger)
-    if "label_enc.weight" in state_dict:  # [num_classes + 1, D - 1]
-        resolve_num_classes(args, checkpoint_num_classes=state_dict["label_enc.weight"].shape[0] - 1, logger=logger)
+    try:
+        adopt_state_dict_flags(args, state_dict, get_args_parser(), args.resume, logger)
+    except CheckpointError as error:
+        raise SystemExit(f"inference.py: error: {error}") from None
     warn_ignored_flags(args, logger)
     args.no_pretrained_backbone = True  # the checkpoint replaces every weight
     model, _, postprocessors = build_model(args)

@@ -21,9 +21,9 @@ from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco_eval import COCO_STAT_NAMES
 from engine import evaluate, train_one_epoch
 from models import build_model
-from models.builder import resolve_num_classes
-from util.checkpoint import (adopt_checkpoint_model_args, checkpoint_state, load_checkpoint, load_pretrained_weights,
-                             restore_checkpoint, save_checkpoint)
+from models.builder import adopt_state_dict_flags, resolve_num_classes
+from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, checkpoint_state, load_checkpoint,
+                             load_pretrained_weights, restore_checkpoint, save_checkpoint, strip_ddp_prefix)
 from util.config import parse_args, save_config
 from util.device import resolve_device
 from util.distributed import get_rank, init_distributed_mode, is_main_process
@@ -46,13 +46,19 @@ def main(args: argparse.Namespace) -> None:
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
         adopt_checkpoint_model_args(args, checkpoint.get("args"), get_args_parser(), logger)
+        if "model" in checkpoint:
+            try:
+                adopt_state_dict_flags(args, strip_ddp_prefix(checkpoint["model"]), get_args_parser(), args.resume,
+                                       logger)
+            except CheckpointError as error:
+                raise SystemExit(str(error)) from None
         # The checkpoint replaces every weight: skip the ImageNet download.
         args.no_pretrained_backbone = True
     dataset_val = build_dataset("val", args)
     dataset_train = None if args.eval else build_dataset("train", args)
     dataset = dataset_val if dataset_train is None else dataset_train
     try:
-        resolve_num_classes(args, dataset_max_category_id=max(dataset.coco.getCatIds()), logger=logger)
+        resolve_num_classes(args, dataset_max_category_id=max(dataset.coco.getCatIds()))
     except ValueError as error:
         raise SystemExit(str(error)) from None
     warn_ignored_flags(args, logger)

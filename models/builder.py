@@ -1,9 +1,11 @@
 """Build a detector, its criterion and post-processor from the command-line arguments."""
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+import torch
 from torch import nn
 
+from util.checkpoint import CheckpointError
 from util.coco_categories import COCO_NUM_CLASSES
 
 from .criterion import SetCriterion, build_weight_dict
@@ -13,28 +15,19 @@ from .postprocess import PostProcess
 from .registry import MODELS, resolve
 
 
-def resolve_num_classes(args, dataset_max_category_id: Optional[int] = None, dataset_name: Optional[str] = None,
-                        checkpoint_num_classes: Optional[int] = None, logger=None) -> int:
+def resolve_num_classes(args, dataset_max_category_id: Optional[int] = None, dataset_name: Optional[str] = None) -> int:
     """Set and return ``args.num_classes``, the number of classification logits.
 
-    An explicit ``--num_classes`` wins; otherwise the checkpoint's class count (the rows of its class
-    embedding), then the dataset's largest category id + 1, then COCO's 91. A value too small for the
-    dataset's ids is an error.
+    ``--num_classes`` when given (or read from a checkpoint by :func:`adopt_state_dict_flags`); otherwise
+    the dataset's largest category id + 1, else COCO's 91. A value too small for the dataset's ids is
+    an error naming ``dataset_name`` (default: ``args.coco_path``).
     """
-    logger = logger or logging.getLogger(__name__)
     if args.num_classes is None:
-        if checkpoint_num_classes is not None:
-            args.num_classes = checkpoint_num_classes
-            logger.info(f"--num_classes {args.num_classes} read from the checkpoint's class embedding")
-        elif dataset_max_category_id is not None:
-            args.num_classes = dataset_max_category_id + 1
-        else:
-            args.num_classes = COCO_NUM_CLASSES
+        args.num_classes = COCO_NUM_CLASSES if dataset_max_category_id is None else dataset_max_category_id + 1
     if dataset_max_category_id is not None and args.num_classes <= dataset_max_category_id:
         raise ValueError(f"--num_classes {args.num_classes} is too small for {dataset_name or args.coco_path}: "
-                         f"its category ids go "
-                         f"up to {dataset_max_category_id}, so at least {dataset_max_category_id + 1} classification "
-                         "logits are needed")
+                         f"its category ids go up to {dataset_max_category_id}, so at least "
+                         f"{dataset_max_category_id + 1} classification logits are needed")
     return args.num_classes
 
 
@@ -57,6 +50,8 @@ def build_model(args) -> Tuple[nn.Module, SetCriterion, Dict[str, nn.Module]]:
     resolve_num_classes(args)
     dn_config = build_dn_config(args)
     model = entry.build(args, dn_config)
+    model.transformer.encoder.checkpoint_layers = args.checkpoint_encoder
+    model.transformer.decoder.checkpoint_layers = args.checkpoint_decoder
 
     weight_dict = build_weight_dict(args, model.transformer.decoder.num_layers, denoising=dn_config is not None,
                                     dn_class_loss_coef=resolve(entry.dn_class_loss_coef, args), aux_loss=args.aux_loss,
@@ -65,3 +60,42 @@ def build_model(args) -> Tuple[nn.Module, SetCriterion, Dict[str, nn.Module]]:
     criterion = SetCriterion(args.num_classes, matcher, weight_dict, focal_alpha=args.focal_alpha,
                              log_xy_hw=entry.log_xy_hw)
     return model, criterion, {"bbox": PostProcess(resolve(entry.num_select, args))}
+
+
+def flags_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Tuple[Any, str]]:
+    """The network flags a state dict reveals, each with the key that reveals it.
+
+    ``num_classes`` from the rows of the denoising class embedding, ``num_patterns`` from the pattern
+    embeddings (none: 0), the activation from the per-layer PReLU slopes (none: ReLU, the choice of
+    the released models that have no slopes) and ``two_stage`` from the encoder-proposal projection.
+    """
+    flags = {}
+    if "label_enc.weight" in state_dict:  # [num_classes + 1, D - 1]
+        flags["num_classes"] = (state_dict["label_enc.weight"].shape[0] - 1, "label_enc.weight")
+    # The DINO-style variant keeps its (unused) pattern embeddings at the top level.
+    patterns_key = "patterns_embed.weight" if "patterns_embed.weight" in state_dict else "transformer.patterns.weight"
+    patterns = state_dict.get(patterns_key)
+    flags["num_patterns"] = (0 if patterns is None else patterns.shape[0], patterns_key)
+    flags["two_stage"] = ("transformer.enc_output.weight" in state_dict, "transformer.enc_output.weight")
+    slopes = [key for key in state_dict if key.endswith(".activation.weight")]
+    flags["transformer_activation"] = ("prelu", slopes[0]) if slopes else ("relu", "*.activation.weight")
+    return flags
+
+
+def adopt_state_dict_flags(args, state_dict: Dict[str, torch.Tensor], defaults, source: str, logger=None) -> None:
+    """Set the network flags of ``args`` that a checkpoint's state dict reveals (:func:`flags_from_state_dict`)
+    where they still hold the ``defaults`` parser's default; a flag given explicitly with another value is an
+    error naming the flag, the key and ``source`` (the checkpoint file)."""
+    logger = logger or logging.getLogger(__name__)
+    for flag, (found, key) in flags_from_state_dict(state_dict).items():
+        value = getattr(args, flag)
+        if value == found:
+            continue
+        if value != defaults.get_default(flag):
+            if flag == "transformer_activation" and found == "relu" and value != "prelu":
+                continue  # no slopes: any activation without weights fits the keys
+            presence = "has" if found not in (0, "relu") else "has no"
+            raise CheckpointError(f"{source}: --{flag} {value!r} does not fit the checkpoint, which {presence} "
+                                  f"{key} ({flag} {found!r}); drop the flag or give {found!r}")
+        logger.info(f"--{flag} {found!r} read from {source} ({key})")
+        setattr(args, flag, found)

@@ -13,7 +13,7 @@ from torch import nn
 from util.misc import inverse_sigmoid
 
 from .detector import EncoderMemory, FeatureLevels
-from .layers import MLP, build_activation, clone_modules
+from .layers import MLP, LayerStack, build_activation, transformer_size
 from .ops import MSDeformAttn
 from .position_encoding import anchor_sine_embedding
 
@@ -65,10 +65,9 @@ class DeformableTransformerDecoderLayer(nn.Module):
         return tgt
 
 
-class DeformableTransformerEncoder(nn.Module):
+class DeformableTransformerEncoder(LayerStack):
     def __init__(self, layer: DeformableTransformerEncoderLayer, num_layers: int):
-        super().__init__()
-        self.layers = clone_modules(layer, num_layers)
+        super().__init__(layer, num_layers)
 
     @staticmethod
     def reference_points(spatial_shapes: List[Tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
@@ -90,11 +89,11 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
         output = src
         for layer in self.layers:
-            output = layer(output, pos, reference_points, spatial_shapes, padding_mask)
+            output = self.run_layer(layer, output, pos, reference_points, spatial_shapes, padding_mask)
         return output
 
 
-class DeformableTransformerDecoder(nn.Module):
+class DeformableTransformerDecoder(LayerStack):
     """Anchor-refining decoder; every layer's references are detached before the next layer.
 
     With ``look_forward_twice`` the references returned for the heads of layer ``l >= 1`` are the refined
@@ -104,10 +103,8 @@ class DeformableTransformerDecoder(nn.Module):
 
     def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int, d_model: int,
                  look_forward_twice: bool = False):
-        super().__init__()
-        self.num_layers = num_layers
+        super().__init__(layer, num_layers)
         self.look_forward_twice = look_forward_twice
-        self.layers = clone_modules(layer, num_layers)
         self.query_scale = MLP(d_model, d_model, d_model, 2)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.bbox_embed: Optional[nn.ModuleList] = None  # the detector's per-layer box heads, attached later
@@ -126,8 +123,8 @@ class DeformableTransformerDecoder(nn.Module):
             raw_query_pos = self.ref_point_head(anchor_sine_embedding(reference_input[:, :, 0, :], d_model // 2))
             query_pos = raw_query_pos if layer_id == 0 else self.query_scale(output) * raw_query_pos
 
-            output = layer(output, query_pos, reference_input, memory, spatial_shapes, memory_padding_mask,
-                           self_attn_mask)
+            output = self.run_layer(layer, output, query_pos, reference_input, memory, spatial_shapes,
+                                    memory_padding_mask, self_attn_mask)
 
             refined = (self.bbox_embed[layer_id](output) + inverse_sigmoid(reference_points)).sigmoid()
             reference_points = refined.detach()
@@ -238,7 +235,6 @@ class DeformableTransformer(DeformableEncoding, nn.Module):
         return self.decoder(content, anchors.sigmoid(), memory.memory, memory.spatial_shapes, memory.valid_ratios,
                             memory.padding_mask, attn_mask)
 
-
     def select_queries(self, memory: EncoderMemory) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         """Two-stage matching queries: score and refine every encoder proposal with the last pair of the
         decoder's heads (``decoder.class_embed[-1]``, ``decoder.bbox_embed[-1]``, not used by any decoder
@@ -265,15 +261,5 @@ class DeformableTransformer(DeformableEncoding, nn.Module):
 
 
 def build_deformable_transformer(args, **options) -> DeformableTransformer:
-    return DeformableTransformer(
-        d_model=args.hidden_dim,
-        nhead=args.nheads,
-        num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers,
-        dim_feedforward=args.dim_feedforward,
-        dropout=args.dropout,
-        num_feature_levels=args.num_feature_levels,
-        dec_n_points=args.dec_n_points,
-        enc_n_points=args.enc_n_points,
-        **options,
-    )
+    return DeformableTransformer(**transformer_size(args), num_feature_levels=args.num_feature_levels,
+                                 dec_n_points=args.dec_n_points, enc_n_points=args.enc_n_points, **options)

@@ -1,7 +1,7 @@
 """Tiny model configurations and inputs shared by the model tests."""
 import torch
 
-from main import get_args_parser
+from cli import get_args_parser
 
 TINY_MODEL_FLAGS = [
     "--no_pretrained_backbone", "--backbone", "resnet18", "--hidden_dim", "64", "--dim_feedforward", "96",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from main import get_args_parser
+from cli import get_args_parser
 from models.registry import MODELS
 from util.config import ConfigError, load_config, parse_args, save_config, validate_config
 

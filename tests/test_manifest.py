@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from main import get_args_parser
+from cli import get_args_parser
 from models import build_model
 from util.checkpoint import CHECKPOINT_FLAGS
 from util.config import parse_args

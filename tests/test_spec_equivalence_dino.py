@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from engine import weighted_loss
-from main import get_args_parser
+from cli import get_args_parser
 from models import build_model
 from tests import spec_oracle_dino as oracle
 from tests.model_utils import TINY_FLAGS

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from main import get_args_parser
+from cli import get_args_parser
 from tests import spec_oracle_deformable as deform
 from tests import spec_oracle_dino as oracle
 from tests.model_utils import TINY_FLAGS
