@@ -1,7 +1,7 @@
 """Smoke test of scripts/benchmark.py: it runs on tiny models and reports complete, positive numbers.
 
 Only that the script works is checked here; the benchmark itself is run by hand, outside the test suite.
-Both models run at once, one CPU thread each.
+The models run at once, one CPU thread each.
 """
 import importlib.util
 import json
