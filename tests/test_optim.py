@@ -1,9 +1,13 @@
 """AdamW's implementations (--adamw_impl): the fused default updates the weights as the for-loop reference does,
 up to float rounding; foreach is identical to it; a restored optimizer takes the requested implementation."""
+import json
+import sys
+from pathlib import Path
+
 import torch
 
 from models import build_model
-from tests.model_utils import tiny_args
+from tests.model_utils import TINY_FLAGS, tiny_args
 from util.optim import ADAMW_IMPLEMENTATIONS, build_optimizer, use_adamw_impl
 
 
@@ -36,3 +40,15 @@ def test_restored_optimizer_takes_the_requested_implementation():
     use_adamw_impl(optimizer, "fused")
     assert all(g["fused"] and not g["foreach"] for g in optimizer.param_groups)
     assert set(ADAMW_IMPLEMENTATIONS) == {"fused", "foreach", "for-loop"}
+
+
+def test_optimizer_benchmark_reports_every_implementation(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import benchmark_optimizer
+
+    out = tmp_path / "adamw.json"
+    result = benchmark_optimizer.main(["-m", "dn_dab_detr", *TINY_FLAGS, "--steps", "2", "--device", "cpu",
+                                       "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert set(result["step_ms"]) == set(ADAMW_IMPLEMENTATIONS) and all(t > 0 for t in result["step_ms"].values())
+    assert result["max_weight_difference_from_for_loop"]["foreach"] == 0
