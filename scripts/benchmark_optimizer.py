@@ -66,7 +66,8 @@ def main(argv=None) -> dict:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "step_ms": {impl: statistics.median(t) for impl, t in zip(setups, times)},
         "max_weight_difference_from_for_loop": {
-            impl: max(float((a - b).abs().max()) for a, b in zip(setups[impl][0], reference)) for impl in setups},
+            impl: max(float((a - b).detach().abs().max()) for a, b in zip(setups[impl][0], reference))
+            for impl in setups},
     }
     print(json.dumps(result, indent=2))
     if args.out is not None:
