@@ -40,7 +40,7 @@ def build_model(args) -> Tuple[nn.Module, SetCriterion, Dict[str, nn.Module]]:
         if getattr(args, flag):
             raise ValueError(f"--{flag} is not supported by {args.modelname}")
     resolve_num_classes(args)
-    dn_config = DNConfig(args.scalar, args.label_noise_scale, args.box_noise_scale) if args.use_dn else None
+    dn_config = DNConfig.from_args(args) if args.use_dn else None
     model = entry.build(args, dn_config)
     model.transformer.encoder.checkpoint_layers = args.checkpoint_encoder
     model.transformer.decoder.checkpoint_layers = args.checkpoint_decoder

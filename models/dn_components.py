@@ -26,6 +26,12 @@ class DNConfig:
     label_noise_scale: float = 0.2
     box_noise_scale: float = 0.4
 
+    @classmethod
+    def from_args(cls, args) -> "DNConfig":
+        """The noise settings of the command line (``--scalar``, ``--label_noise_scale``, ``--box_noise_scale``)."""
+        return cls(num_groups=args.scalar, label_noise_scale=args.label_noise_scale,
+                   box_noise_scale=args.box_noise_scale)
+
     def __post_init__(self):
         if self.num_groups < 1:
             raise ValueError(f"--scalar must be >= 1 (number of denoising groups), got {self.num_groups}")
