@@ -35,8 +35,7 @@ def build_dn_config(args) -> Optional[DNConfig]:
     """The denoising settings of ``args`` (None without ``--use_dn``), with the ones the model fixes."""
     if not args.use_dn:
         return None
-    return DNConfig(args.scalar, args.label_noise_scale, args.box_noise_scale, contrastive=args.contrastive,
-                    negatives_per_image=args.cdn_split_per_image, **MODELS[args.modelname].dn_options)
+    return DNConfig.from_args(args, **MODELS[args.modelname].dn_options)
 
 
 def build_model(args) -> Tuple[nn.Module, SetCriterion, Dict[str, nn.Module]]:

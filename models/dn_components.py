@@ -31,13 +31,22 @@ class DNConfig:
     # --contrastive: a positive and a negative query per ground truth and group.
     contrastive: bool = False
     # --cdn_split_per_image: the negatives are each image's copies. Off: the second half of every group's
-    # flat entry list, whatever image it belongs to (what the original does; see split_negatives).
+    # flat entry list, whatever image it belongs to (what the original does; see _entry_layout).
     negatives_per_image: bool = False
     # Noise on the box corners instead of on centre and size (the DINO-style variant).
     corner_noise: bool = False
     # --scalar at or above this value is a query budget instead of a group count: groups = scalar // group
     # height (at least 1), and a batch without objects gets one empty group. None: always --scalar groups.
     dynamic_groups_from: Optional[int] = None
+
+    @classmethod
+    def from_args(cls, args, **options) -> "DNConfig":
+        """The settings of the command line (``--scalar``, ``--label_noise_scale``, ``--box_noise_scale`` and,
+        where the parser has them, ``--contrastive``, ``--cdn_split_per_image``) and the ``options`` a model
+        fixes (``corner_noise``, ``dynamic_groups_from``)."""
+        return cls(num_groups=args.scalar, label_noise_scale=args.label_noise_scale,
+                   box_noise_scale=args.box_noise_scale, contrastive=getattr(args, "contrastive", False),
+                   negatives_per_image=getattr(args, "cdn_split_per_image", False), **options)
 
     def __post_init__(self):
         if self.num_groups < 1:

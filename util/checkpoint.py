@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from util.optim import use_adamw_impl
+
 # Classes a legitimate DN-DETR checkpoint may contain beyond what weights_only allows by default.
 CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
 
@@ -236,6 +238,7 @@ def restore_checkpoint(checkpoint: dict, args: argparse.Namespace, model, optimi
     if args.eval or not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
         return
     optimizer.load_state_dict(checkpoint["optimizer"])
+    use_adamw_impl(optimizer, args.adamw_impl)
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
