@@ -16,11 +16,13 @@ kernel's high-water mark reset through ``/proc/self/clear_refs`` where available
 ``ru_maxrss`` is used and the figure is a lower bound).
 
 ``--reference`` also runs every case with the previous formulation of the op (one ``F.grid_sample`` per level
-and a weighted sum, kept in ``tests/msda_reference.py``) swapped in; the two take turns run by run, so that load
-changes on a shared machine hit both alike, and the table gets their ratios. Prints a markdown table; ``--out``
-also writes the figures as JSON.
+and a weighted sum, kept in ``tests/msda_reference.py``) swapped in, and ``--autocast bfloat16`` also runs each op
+under ``torch.autocast``; the variants take turns run by run, so that load changes on a shared machine hit them
+alike, and the table gives each one's ratio to the current op. Prints a markdown table; ``--out`` also writes
+the figures as JSON.
 
-Usage: ``python scripts/benchmark_msda.py [--device cuda] [--iters 5] [--reference] [--out msda.json]``
+Usage: ``python scripts/benchmark_msda.py [--device cuda] [--iters 5] [--reference] [--autocast bfloat16]
+[--out msda.json]``
 """
 import argparse
 import contextlib
@@ -61,6 +63,8 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--reference", action="store_true",
                         help="also run the previous per-level grid_sample formulation, interleaved, with ratios")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
+                        help="also run every op under torch.autocast with this dtype, interleaved, with ratios")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args()
 
@@ -152,22 +156,28 @@ def make_case(name: str, args, shapes, device, dtype):
 
 
 @contextlib.contextmanager
-def reference_op(enabled: bool):
-    """Swap the previous formulation (per-level grid_sample, from the tests) in for ``ms_deform_attn_core``."""
-    if not enabled:
-        yield
-        return
-    from tests.msda_reference import grid_sample_msda
+def variant_context(variant, device):
+    """Run a variant: ``(op, autocast dtype or None)``; op "reference" swaps the previous formulation
+    (per-level grid_sample, from the tests) in for ``ms_deform_attn_core``."""
+    op, autocast_dtype = variant
     current = msda_module.ms_deform_attn_core
-    msda_module.ms_deform_attn_core = grid_sample_msda
+    if op == "reference":
+        from tests.msda_reference import grid_sample_msda
+        msda_module.ms_deform_attn_core = grid_sample_msda
     try:
-        yield
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            yield
     finally:
         msda_module.ms_deform_attn_core = current
 
 
-def measure(step, clear_grads, saved_bytes, device, use_reference: bool) -> dict:
-    with reference_op(use_reference):
+def variant_name(variant) -> str:
+    op, autocast_dtype = variant
+    return op if autocast_dtype is None else f"{op}, autocast {str(autocast_dtype).replace('torch.', '')}"
+
+
+def measure(step, clear_grads, saved_bytes, device, variant) -> dict:
+    with variant_context(variant, device):
         step(True)  # first-call allocations (allocator caches, thread pools) stay out of the measurement
         clear_grads()
         with PeakMemory(device) as peak:
@@ -177,8 +187,8 @@ def measure(step, clear_grads, saved_bytes, device, use_reference: bool) -> dict
     return {"peak_mib": peak.peak_bytes / 2 ** 20, "peak_exact": peak.exact, "saved_mib": saved / 2 ** 20}
 
 
-def timed_pair(runs, device, warmup: int, iters: int):
-    """Median ms of each function in ``runs``: alone with ``timed_runs_ms``, or taking turns when two."""
+def median_times(runs, device, warmup: int, iters: int):
+    """Median ms of each function in ``runs``: alone with ``timed_runs_ms``, or taking turns when several."""
     if len(runs) == 1:
         return [statistics.median(timed_runs_ms(runs[0], device, warmup, iters))]
     for run in runs:
@@ -203,30 +213,29 @@ def main():
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     shapes = level_shapes(*args.image_size, args.levels)
-    variants = ["current", "reference"] if args.reference else ["current"]
+    autocast_dtype = getattr(torch, args.autocast) if args.autocast else None
+    variants = [("current", None)] + ([("reference", None)] if args.reference else [])
+    if autocast_dtype is not None:
+        variants += [(op, autocast_dtype) for op, _ in variants]
 
     results = []
     for name in args.cases:
         step, clear_grads, saved_bytes, num_queries, num_values = make_case(name, args, shapes, device, dtype)
-        row = {"case": name, "queries": num_queries, "values": num_values}
-        for variant in variants:
-            memory = measure(step, clear_grads, saved_bytes, device, variant == "reference")
-            row.update({(key if variant == "current" else f"reference_{key}"): value
-                        for key, value in memory.items()})
+        rows = [{"case": name, "variant": variant_name(variant), "queries": num_queries, "values": num_values,
+                 **measure(step, clear_grads, saved_bytes, device, variant)} for variant in variants]
 
-        def with_op(variant, with_backward):
+        def run_variant(variant, with_backward):
             def run():
-                with reference_op(variant == "reference"):
+                with variant_context(variant, device):
                     step(with_backward)
             return run
 
         for key, with_backward in (("fwd_bwd_ms", True), ("fwd_ms", False)):
-            times = timed_pair([with_op(variant, with_backward) for variant in variants], device, args.warmup,
-                               args.iters)
-            row[key] = times[0]
-            if args.reference:
-                row[f"reference_{key}"] = times[1]
-        results.append(row)
+            times = median_times([run_variant(variant, with_backward) for variant in variants], device,
+                                 args.warmup, args.iters)
+            for row, time_ms in zip(rows, times):
+                row[key] = time_ms
+        results += rows
         del step, clear_grads, saved_bytes
         gc.collect()
 
@@ -234,33 +243,36 @@ def main():
               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
               "image_size": list(args.image_size), "level_shapes": shapes, "heads": args.heads,
               "head_dim": args.head_dim, "points": args.points, "iters": args.iters, "warmup": args.warmup,
-              "reference": args.reference}
+              "variants": [variant_name(variant) for variant in variants]}
     print(f"MSDA benchmark: {config['device_name']}, {args.dtype}, torch {torch.__version__}, "
           f"{config['threads']} threads, batch {args.batch}, image {args.image_size[0]}x{args.image_size[1]}, "
           f"levels {shapes}, {args.heads}x{args.head_dim}, {args.points} points, median of {args.iters} after "
-          f"{args.warmup} warm-up\n")
+          f"{args.warmup} warm-up" + (", variants taking turns" if len(variants) > 1 else "") + "\n")
     memory_kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS rise"
     columns = ["fwd+bwd (ms)", "fwd, no grad (ms)", "saved for backward (MiB)",
                f"peak memory, fwd+bwd (MiB, {memory_kind})"]
     keys = ["fwd_bwd_ms", "fwd_ms", "saved_mib", "peak_mib"]
-    if args.reference:
-        header = ["case", "Lq", "S"] + [f"{column}: current / reference (ratio)" for column in columns]
-    else:
-        header = ["case", "Lq", "S"] + columns
+    with_variants = len(variants) > 1
+    header = ["case"] + (["op"] if with_variants else []) + ["Lq", "S"] + columns
     print("| " + " | ".join(header) + " |")
-    print("|---|---:|---:|" + "---:|" * len(columns))
+    print("|---|" + ("---|" if with_variants else "") + "---:|---:|" + "---:|" * len(columns))
+    baseline = {}
     for row in results:
-        cells = [row["case"], str(row["queries"]), str(row["values"])]
+        baseline.setdefault(row["case"], row)
+        cells = [row["case"]] + ([row["variant"]] if with_variants else []) + [str(row["queries"]),
+                                                                               str(row["values"])]
         for key in keys:
             digits = 0 if key == "peak_mib" else 1
-            approx = " (lower bound)" if key == "peak_mib" and not row["peak_exact"] else ""
-            if args.reference:
-                current, reference = row[key], row[f"reference_{key}"]
-                ratio = f"{current / reference:.2f}x" if reference > 0 else "-"
-                cells.append(f"{current:.{digits}f} / {reference:.{digits}f} ({ratio}){approx}")
-            else:
-                cells.append(f"{row[key]:.{digits}f}{approx}")
+            cell = f"{row[key]:.{digits}f}"
+            first = baseline[row["case"]]
+            if row is not first and first[key] > 0:
+                cell += f" ({row[key] / first[key]:.2f}x)"
+            if key == "peak_mib" and not row["peak_exact"]:
+                cell += " (lower bound)"
+            cells.append(cell)
         print("| " + " | ".join(cells) + " |")
+    if with_variants:
+        print(f"\n(ratios: to the {variant_name(variants[0])} op of the same case)")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"config": config, "results": results}, indent=2))

@@ -160,7 +160,9 @@ class _DeformableGather(torch.autograd.Function):
         shapes, level_starts, level_rows, batch, num_heads = ctx.geometry
         num_rows, head_dim = table.shape
         points_per_row = base.shape[-1] * base.shape[-2]  # L * P sampling points per output row
-        grad_rows = grad_output.reshape(-1, head_dim).to(table.dtype).contiguous()  # [B*Lq*h, d]
+        # Gradients are computed and accumulated in the precision of the positions (float32 under autocast),
+        # also when the values were gathered in a lower one.
+        grad_rows = grad_output.reshape(-1, head_dim).to(fraction.dtype).contiguous()  # [B*Lq*h, d]
         grad_value = grad_locations = grad_weights = None
 
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
@@ -171,9 +173,9 @@ class _DeformableGather(torch.autograd.Function):
             row_of_entry = torch.arange(grad_rows.shape[0], dtype=torch.int32, device=rows.device)
             row_of_entry = row_of_entry[:, None].expand(-1, per_row).reshape(-1)
             grad_coefficients = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_rows, table, rows, row_starts, row_of_entry, 0, -1)
+                grad_rows, table.to(fraction.dtype), rows, row_starts, row_of_entry, 0, -1)
             del rows, row_of_entry
-            g00, g01, g10, g11 = grad_coefficients.view(*base.shape, 4).to(fraction.dtype).unbind(-1)
+            g00, g01, g10, g11 = grad_coefficients.view(*base.shape, 4).unbind(-1)
             fx, fy = fraction.unbind(-1)
             if ctx.needs_input_grad[2]:
                 grad_weights = (1 - fy) * ((1 - fx) * g00 + fx * g01) + fy * ((1 - fx) * g10 + fx * g11)
@@ -186,7 +188,7 @@ class _DeformableGather(torch.autograd.Function):
             grad_table = _transposed_gather(grad_rows, base, fraction, weights, neighbour_offsets, num_rows,
                                             [(start, size, (0, num_heads, (w + 2) * num_heads, (w + 3) * num_heads))
                                              for start, size, (_, w) in zip(level_starts, level_rows, shapes)])
-            grad_value = _unframe(grad_table, shapes, batch, num_heads)
+            grad_value = _unframe(grad_table, shapes, batch, num_heads).to(table.dtype)
         return grad_value, grad_locations, grad_weights, None
 
 
@@ -246,7 +248,9 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: SpatialShapes, samp
         ``[B, Lq, h * d]`` with head-major channels (head ``j`` owns channels ``j*d .. j*d + d - 1``).
 
     The computation runs in the promoted dtype of ``value`` and ``sampling_locations`` (low-precision
-    locations would misplace samples by up to a pixel on large maps).
+    locations would misplace samples by up to a pixel on large maps). Under autocast with a lower-precision
+    dtype (bfloat16, float16), the gather and weighted sum run in that dtype and return it; positions,
+    bilinear weights and gradients keep the promoted precision.
     """
     batch, num_values, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
@@ -258,8 +262,16 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: SpatialShapes, samp
         raise ValueError(f"value has S={num_values} positions but spatial_shapes {shapes} sum to {sum(level_sizes)}")
 
     compute_dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
-    return _DeformableGather.apply(value.to(compute_dtype), sampling_locations.to(compute_dtype),
-                                   attention_weights.to(compute_dtype), tuple(shapes))
+    arguments = (sampling_locations.to(compute_dtype), attention_weights.to(compute_dtype), tuple(shapes))
+    device_type = value.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _DeformableGather.apply(value.to(compute_dtype), *arguments)
+    # Under autocast with a lower precision, the values are gathered and summed in the autocast dtype (the
+    # output has that dtype), while positions, bilinear weights and all gradients stay in compute_dtype.
+    autocast_dtype = torch.get_autocast_dtype(device_type)
+    gather_dtype = autocast_dtype if autocast_dtype.itemsize < compute_dtype.itemsize else compute_dtype
+    with torch.autocast(device_type, enabled=False):
+        return _DeformableGather.apply(value.to(gather_dtype), *arguments)
 
 
 class MSDeformAttn(nn.Module):
