@@ -22,7 +22,6 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 SpatialShapes = Union[torch.Tensor, Sequence[Sequence[int]]]
 
@@ -93,103 +92,150 @@ def _bilinear_corner_weights(fraction: torch.Tensor, weights: torch.Tensor, dim:
     return torch.stack([top * (1 - fx), top * fx, bottom * (1 - fx), bottom * fx], dim)
 
 
-class _DeformableGather(torch.autograd.Function):
-    """``out[b, q, j] = sum over (l, p, neighbour) of coefficient * table[row]`` and its exact gradients.
+# The op is registered as two opaque custom operators (forward and backward) with their autograd link, so that
+# torch.compile calls them as they are instead of tracing into them: inductor would otherwise fuse the
+# overlapping shifted additions of the backward into one enormous C++ kernel whose compilation takes many
+# minutes. Shapes travel as a flat list [H_0, W_0, H_1, W_1, ...].
+
+
+def _level_geometry(shapes: Sequence[Tuple[int, int]], batch: int, num_heads: int):
+    """Per level: first table row, number of rows and the row offsets of the four neighbours."""
+    level_rows = [batch * (h + 2) * (w + 2) * num_heads for h, w in shapes]
+    level_starts = [sum(level_rows[:level]) for level in range(len(shapes))]
+    neighbours = [(0, num_heads, (w + 2) * num_heads, (w + 3) * num_heads) for _, w in shapes]
+    return level_starts, level_rows, neighbours
+
+
+def _pairs(flat_shapes: Sequence[int]) -> List[Tuple[int, int]]:
+    return [(int(flat_shapes[i]), int(flat_shapes[i + 1])) for i in range(0, len(flat_shapes), 2)]
+
+
+@torch.library.custom_op("dn_detr::msda_gather", mutates_args=())
+def _msda_gather(value: torch.Tensor, sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                 flat_shapes: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    """``out[b, q, j] = sum over (l, p, neighbour) of coefficient * table[row]``.
 
     The coefficient of a neighbour is the point's attention weight times the neighbour's bilinear weight.
-    Saved for the backward: the framed table, and per sampling point the table row of its upper-left neighbour
-    (int32), its fractional pixel position and its attention weight (zeroed for points that touch no pixel);
-    the coefficients and the rows of the other neighbours are recomputed from these.
+    Returns the output ``[B, Lq, h * d]`` and what the backward needs: the framed table, and per sampling point
+    the table row of its upper-left neighbour (int32), its fractional pixel position and its attention weight
+    (zeroed for points that touch no pixel); the coefficients and the rows of the other neighbours are
+    recomputed from these.
     """
+    shapes = _pairs(flat_shapes)
+    batch, _, num_heads, _ = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    device = value.device
+    table = _framed_table(value, shapes)
 
-    @staticmethod
-    def forward(ctx, value: torch.Tensor, sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                shapes: Tuple[Tuple[int, int], ...]):
-        batch, _, num_heads, _ = value.shape
-        _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-        device = value.device
-        table = _framed_table(value, shapes)
+    # Pixel coordinates (pixel (i, j) has its centre at normalised ((j + 0.5) / W, (i + 0.5) / H)), rounded
+    # exactly as grid_sample's CPU kernel rounds them: x * W - 0.5 computed as ((2x - 1) + 1) * (W / 2) - 0.5.
+    # Points exactly on a pixel centre or a map border then fall on the same side of the floor as there,
+    # which decides the (one-sided) location gradient at those kinks of the bilinear interpolation.
+    half_sizes = torch.tensor([[w / 2, h / 2] for h, w in shapes], dtype=sampling_locations.dtype, device=device)
+    pixel = ((2 * sampling_locations - 1) + 1) * half_sizes[:, None, :] - 0.5  # [B, Lq, h, L, P, 2]
+    corner = pixel.floor()
+    fraction = pixel - corner
+    # far-away, infinite and NaN points touch no pixel; the clamp keeps their corner representable
+    corner = corner.nan_to_num(-2.0).clamp(-2, max(max(h, w) for h, w in shapes)).to(torch.int32)
+    x0, y0 = corner.unbind(-1)  # [B, Lq, h, L, P]
+    sizes = torch.tensor(shapes, dtype=torch.int32, device=device)  # [L, 2] (H, W)
+    inside = (x0 >= -1) & (x0 < sizes[:, 1:]) & (y0 >= -1) & (y0 < sizes[:, :1])
+    # A point that touches no pixel gets weight 0 and fraction 0 and is moved to the frame's upper-left
+    # corner, a zero row: its coefficients, its output and all its gradients are then exactly 0.
+    x0 = torch.where(inside, x0, -1)
+    y0 = torch.where(inside, y0, -1)
+    weights = torch.where(inside, attention_weights, 0)
+    fraction = torch.where(inside[..., None], fraction, 0)
+    # as with grid_sample, a NaN or infinite position makes the output NaN instead of silently zero
+    weights = torch.where(pixel.isfinite().all(-1), weights, float("nan"))
 
-        # Pixel coordinates (pixel (i, j) has its centre at normalised ((j + 0.5) / W, (i + 0.5) / H)), rounded
-        # exactly as grid_sample's CPU kernel rounds them: x * W - 0.5 computed as ((2x - 1) + 1) * (W / 2) - 0.5.
-        # Points exactly on a pixel centre or a map border then fall on the same side of the floor as there,
-        # which decides the (one-sided) location gradient at those kinks of the bilinear interpolation.
-        half_sizes = torch.tensor([[w / 2, h / 2] for h, w in shapes], dtype=sampling_locations.dtype,
-                                  device=device)
-        pixel = ((2 * sampling_locations - 1) + 1) * half_sizes[:, None, :] - 0.5  # [B, Lq, h, L, P, 2]
-        corner = pixel.floor()
-        fraction = pixel - corner
-        # far-away, infinite and NaN points touch no pixel; the clamp keeps their corner representable
-        corner = corner.nan_to_num(-2.0).clamp(-2, max(max(h, w) for h, w in shapes)).to(torch.int32)
-        x0, y0 = corner.unbind(-1)  # [B, Lq, h, L, P]
-        sizes = torch.tensor(shapes, dtype=torch.int32, device=device)  # [L, 2] (H, W)
-        inside = (x0 >= -1) & (x0 < sizes[:, 1:]) & (y0 >= -1) & (y0 < sizes[:, :1])
-        # A point that touches no pixel gets weight 0 and fraction 0 and is moved to the frame's upper-left
-        # corner, a zero row: its coefficients, its output and all its gradients are then exactly 0.
-        x0 = torch.where(inside, x0, -1)
-        y0 = torch.where(inside, y0, -1)
-        weights = torch.where(inside, attention_weights, 0)
-        fraction = torch.where(inside[..., None], fraction, 0)
-        # as with grid_sample, a NaN or infinite position makes the output NaN instead of silently zero
-        weights = torch.where(pixel.isfinite().all(-1), weights, float("nan"))
+    # row of the upper-left neighbour: level start + ((b * (H + 2) + y0 + 1) * (W + 2) + x0 + 1) * h + j
+    level_starts, _, neighbours = _level_geometry(shapes, batch, num_heads)
+    strides = torch.tensor([[start + (w + 3) * num_heads, (h + 2) * (w + 2) * num_heads, (w + 2) * num_heads]
+                            for start, (h, w) in zip(level_starts, shapes)], dtype=torch.int32, device=device)
+    batch_index = torch.arange(batch, dtype=torch.int32, device=device)[:, None, None, None, None]
+    head_index = torch.arange(num_heads, dtype=torch.int32, device=device)[:, None, None]
+    base = (strides[:, :1] + batch_index * strides[:, 1:2] + y0 * strides[:, 2:] + x0 * num_heads
+            + head_index)  # [B, Lq, h, L, P] int32
 
-        # row of the upper-left neighbour: level start + ((b * (H + 2) + y0 + 1) * (W + 2) + x0 + 1) * h + j
-        level_rows = [batch * (h + 2) * (w + 2) * num_heads for h, w in shapes]
-        level_starts = [sum(level_rows[:level]) for level in range(num_levels)]
-        strides = torch.tensor([[start + (w + 3) * num_heads, (h + 2) * (w + 2) * num_heads, (w + 2) * num_heads]
-                                for start, (h, w) in zip(level_starts, shapes)], dtype=torch.int32, device=device)
-        batch_index = torch.arange(batch, dtype=torch.int32, device=device)[:, None, None, None, None]
-        head_index = torch.arange(num_heads, dtype=torch.int32, device=device)[:, None, None]
-        base = (strides[:, :1] + batch_index * strides[:, 1:2] + y0 * strides[:, 2:] + x0 * num_heads
-                + head_index)  # [B, Lq, h, L, P] int32
+    neighbour_offsets = torch.tensor(neighbours, dtype=torch.int32, device=device)  # [L, 4]
+    rows = (base[..., None] + neighbour_offsets[:, None, :]).view(-1, num_levels * num_points * 4)
+    coefficients = _bilinear_corner_weights(fraction, weights).to(table.dtype).view(rows.shape)
+    output = F.embedding_bag(rows.long(), table, per_sample_weights=coefficients, mode="sum")  # [B*Lq*h, d]
+    return output.view(batch, num_queries, -1), table, base, fraction, weights
 
-        neighbour_offsets = torch.tensor([[0, num_heads, (w + 2) * num_heads, (w + 3) * num_heads]
-                                          for _, w in shapes], dtype=torch.int32, device=device)  # [L, 4]
-        rows = (base[..., None] + neighbour_offsets[:, None, :]).view(-1, num_levels * num_points * 4)
-        coefficients = _bilinear_corner_weights(fraction, weights).to(table.dtype).view(rows.shape)
-        output = F.embedding_bag(rows.long(), table, per_sample_weights=coefficients, mode="sum")  # [B*Lq*h, d]
 
-        ctx.save_for_backward(table, base, fraction, weights, half_sizes, neighbour_offsets)
-        ctx.geometry = (shapes, level_starts, level_rows, batch, num_heads)
-        return output.view(batch, num_queries, -1)
+@_msda_gather.register_fake
+def _msda_gather_fake(value, sampling_locations, attention_weights, flat_shapes):
+    shapes = _pairs(flat_shapes)
+    batch, _, num_heads, head_dim = value.shape
+    points = sampling_locations.shape[:-1]
+    num_rows = sum(batch * (h + 2) * (w + 2) * num_heads for h, w in shapes)
+    return (value.new_empty(batch, sampling_locations.shape[1], num_heads * head_dim),
+            value.new_empty(num_rows, head_dim), sampling_locations.new_empty(points, dtype=torch.int32),
+            sampling_locations.new_empty(sampling_locations.shape), sampling_locations.new_empty(points))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
-        table, base, fraction, weights, half_sizes, neighbour_offsets = ctx.saved_tensors
-        shapes, level_starts, level_rows, batch, num_heads = ctx.geometry
-        num_rows, head_dim = table.shape
-        points_per_row = base.shape[-1] * base.shape[-2]  # L * P sampling points per output row
-        # Gradients are computed and accumulated in the precision of the positions (float32 under autocast),
-        # also when the values were gathered in a lower one.
-        grad_rows = grad_output.reshape(-1, head_dim).to(fraction.dtype).contiguous()  # [B*Lq*h, d]
-        grad_value = grad_locations = grad_weights = None
 
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # d output / d coefficient = grad_output row . table row, for every (point, neighbour)
-            rows = (base[..., None] + neighbour_offsets[:, None, :]).view(-1)
-            per_row = points_per_row * 4
-            row_starts = torch.arange(0, rows.numel(), per_row, dtype=torch.int32, device=rows.device)
-            row_of_entry = torch.arange(grad_rows.shape[0], dtype=torch.int32, device=rows.device)
-            row_of_entry = row_of_entry[:, None].expand(-1, per_row).reshape(-1)
-            grad_coefficients = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_rows, table.to(fraction.dtype), rows, row_starts, row_of_entry, 0, -1)
-            del rows, row_of_entry
-            g00, g01, g10, g11 = grad_coefficients.view(*base.shape, 4).unbind(-1)
-            fx, fy = fraction.unbind(-1)
-            if ctx.needs_input_grad[2]:
-                grad_weights = (1 - fy) * ((1 - fx) * g00 + fx * g01) + fy * ((1 - fx) * g10 + fx * g11)
-            if ctx.needs_input_grad[1]:
-                grad_fx = weights * ((1 - fy) * (g01 - g00) + fy * (g11 - g10))
-                grad_fy = weights * ((1 - fx) * (g10 - g00) + fx * (g11 - g01))
-                grad_locations = torch.stack([grad_fx, grad_fy], -1) * (2 * half_sizes[:, None, :])
+@torch.library.custom_op("dn_detr::msda_gather_backward", mutates_args=())
+def _msda_gather_backward(grad_output: torch.Tensor, table: torch.Tensor, base: torch.Tensor,
+                          fraction: torch.Tensor, weights: torch.Tensor, flat_shapes: List[int]
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``_msda_gather``'s output with respect to value, sampling locations and attention weights."""
+    shapes = _pairs(flat_shapes)
+    batch, _, num_heads, num_levels, num_points = base.shape
+    num_rows, head_dim = table.shape
+    device = base.device
+    level_starts, level_rows, neighbours = _level_geometry(shapes, batch, num_heads)
+    neighbour_offsets = torch.tensor(neighbours, dtype=torch.int32, device=device)  # [L, 4]
+    # Gradients are computed and accumulated in the precision of the positions (float32 under autocast),
+    # also when the values were gathered in a lower one.
+    grad_rows = grad_output.reshape(-1, head_dim).to(fraction.dtype).contiguous()  # [B*Lq*h, d]
 
-        if ctx.needs_input_grad[0]:
-            grad_table = _transposed_gather(grad_rows, base, fraction, weights, neighbour_offsets, num_rows,
-                                            [(start, size, (0, num_heads, (w + 2) * num_heads, (w + 3) * num_heads))
-                                             for start, size, (_, w) in zip(level_starts, level_rows, shapes)])
-            grad_value = _unframe(grad_table, shapes, batch, num_heads).to(table.dtype)
-        return grad_value, grad_locations, grad_weights, None
+    # d output / d coefficient = grad_output row . table row, for every (point, neighbour)
+    rows = (base[..., None] + neighbour_offsets[:, None, :]).view(-1)
+    per_row = num_levels * num_points * 4
+    row_starts = torch.arange(0, rows.numel(), per_row, dtype=torch.int32, device=device)
+    row_of_entry = torch.arange(grad_rows.shape[0], dtype=torch.int32, device=device)
+    row_of_entry = row_of_entry[:, None].expand(-1, per_row).reshape(-1)
+    grad_coefficients = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad_rows, table.to(fraction.dtype), rows, row_starts, row_of_entry, 0, -1)
+    del rows, row_of_entry
+    g00, g01, g10, g11 = grad_coefficients.view(*base.shape, 4).unbind(-1)
+    fx, fy = fraction.unbind(-1)
+    grad_weights = (1 - fy) * ((1 - fx) * g00 + fx * g01) + fy * ((1 - fx) * g10 + fx * g11)
+    grad_fx = weights * ((1 - fy) * (g01 - g00) + fy * (g11 - g10))
+    grad_fy = weights * ((1 - fx) * (g10 - g00) + fx * (g11 - g01))
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=fraction.dtype, device=device)
+    grad_locations = torch.stack([grad_fx, grad_fy], -1) * sizes[:, None, :]
+
+    grad_table = _transposed_gather(grad_rows, base, fraction, weights, neighbour_offsets, num_rows,
+                                    list(zip(level_starts, level_rows, neighbours)))
+    grad_value = _unframe(grad_table, shapes, batch, num_heads).to(table.dtype)
+    return grad_value, grad_locations, grad_weights
+
+
+@_msda_gather_backward.register_fake
+def _msda_gather_backward_fake(grad_output, table, base, fraction, weights, flat_shapes):
+    shapes = _pairs(flat_shapes)
+    batch, _, num_heads = base.shape[:3]
+    num_values = sum(h * w for h, w in shapes)
+    return (table.new_empty(batch, num_values, num_heads, table.shape[1]), fraction.new_empty(fraction.shape),
+            weights.new_empty(weights.shape))
+
+
+def _msda_gather_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.flat_shapes = inputs[3]
+
+
+def _msda_gather_autograd_backward(ctx, grad_output, *unused_grads):
+    table, base, fraction, weights = ctx.saved_tensors
+    grads = _msda_gather_backward(grad_output, table, base, fraction, weights, ctx.flat_shapes)
+    return grads[0], grads[1], grads[2], None
+
+
+_msda_gather.register_autograd(_msda_gather_autograd_backward, setup_context=_msda_gather_setup_context)
 
 
 def _transposed_gather(grad_rows: torch.Tensor, base: torch.Tensor, fraction: torch.Tensor, weights: torch.Tensor,
@@ -262,16 +308,17 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: SpatialShapes, samp
         raise ValueError(f"value has S={num_values} positions but spatial_shapes {shapes} sum to {sum(level_sizes)}")
 
     compute_dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
-    arguments = (sampling_locations.to(compute_dtype), attention_weights.to(compute_dtype), tuple(shapes))
+    arguments = (sampling_locations.to(compute_dtype), attention_weights.to(compute_dtype),
+                 [size for shape in shapes for size in shape])
     device_type = value.device.type
     if not torch.is_autocast_enabled(device_type):
-        return _DeformableGather.apply(value.to(compute_dtype), *arguments)
+        return _msda_gather(value.to(compute_dtype), *arguments)[0]
     # Under autocast with a lower precision, the values are gathered and summed in the autocast dtype (the
     # output has that dtype), while positions, bilinear weights and all gradients stay in compute_dtype.
     autocast_dtype = torch.get_autocast_dtype(device_type)
     gather_dtype = autocast_dtype if autocast_dtype.itemsize < compute_dtype.itemsize else compute_dtype
     with torch.autocast(device_type, enabled=False):
-        return _DeformableGather.apply(value.to(gather_dtype), *arguments)
+        return _msda_gather(value.to(gather_dtype), *arguments)[0]
 
 
 class MSDeformAttn(nn.Module):
