@@ -445,3 +445,16 @@ def test_module_with_padding_equals_the_grid_sample_formulation(monkeypatch, ref
     reference = run()
     for actual, expected in zip(current, reference):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+
+
+def test_custom_op_registration_passes_opcheck():
+    """Schema, fake (meta) implementation and autograd link of the op torch.compile sees."""
+    from models.ops.ms_deform_attn import _msda_gather
+
+    generator = torch.Generator().manual_seed(27)
+    shapes = [(2, 3), (1, 2)]
+    value, locations, weights = random_inputs(2, 5, 2, 3, shapes, 2, generator)
+    arguments = (value.requires_grad_(True), locations.requires_grad_(True), weights.requires_grad_(True),
+                 [2, 3, 1, 2])
+    results = torch.library.opcheck(_msda_gather, arguments)
+    assert set(results.values()) == {"SUCCESS"}, results
