@@ -26,7 +26,6 @@ Usage: ``python scripts/benchmark_msda.py [--device cuda] [--iters 5] [--referen
 """
 import argparse
 import contextlib
-import functools
 import gc
 import json
 import statistics
@@ -187,6 +186,13 @@ def measure(step, clear_grads, saved_bytes, device, variant) -> dict:
     return {"peak_mib": peak.peak_bytes / 2 ** 20, "peak_exact": peak.exact, "saved_mib": saved / 2 ** 20}
 
 
+def variant_run(step, variant, device, with_backward: bool):
+    def run():
+        with variant_context(variant, device):
+            step(with_backward)
+    return run
+
+
 def median_times(runs, device, warmup: int, iters: int):
     """Median ms of each function in ``runs``: alone with ``timed_runs_ms``, or taking turns when several."""
     if len(runs) == 1:
@@ -224,15 +230,9 @@ def main():
         rows = [{"case": name, "variant": variant_name(variant), "queries": num_queries, "values": num_values,
                  **measure(step, clear_grads, saved_bytes, device, variant)} for variant in variants]
 
-        def run_variant(variant, with_backward):
-            def run():
-                with variant_context(variant, device):
-                    step(with_backward)
-            return run
-
         for key, with_backward in (("fwd_bwd_ms", True), ("fwd_ms", False)):
-            times = median_times([run_variant(variant, with_backward) for variant in variants], device,
-                                 args.warmup, args.iters)
+            times = median_times([variant_run(step, variant, device, with_backward) for variant in variants],
+                                 device, args.warmup, args.iters)
             for row, time_ms in zip(rows, times):
                 row[key] = time_ms
         results += rows

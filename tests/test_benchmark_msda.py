@@ -13,7 +13,8 @@ def test_benchmark_msda_runs_cases_and_variants(tmp_path):
     out = tmp_path / "msda.json"
     result = subprocess.run(
         [sys.executable, "scripts/benchmark_msda.py", "--image-size", "64", "96", "--queries", "10", "--iters", "1",
-         "--warmup", "0", "--threads", "1", "--cases", "core/encoder", "module/decoder", "--reference", "--autocast", "bfloat16", "--out", str(out)],
+         "--warmup", "0", "--threads", "1", "--cases", "core/encoder", "module/decoder", "--reference",
+         "--autocast", "bfloat16", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())

@@ -3,11 +3,12 @@
 No compiled extension. Bilinear sampling of every level, head, query and point followed by the weighted sum
 over levels and points is one sparse-times-dense product: each (batch, query, head) output row is a weighted
 sum of ``L * P * 4`` value rows (the four bilinear neighbours of every sampling point), with the attention
-weight times the bilinear weight as coefficient. The forward is a single ``F.embedding_bag`` (gather and
-weighted sum fused; no ``[.., L * P, d]`` tensor of sampled values is ever built), and a custom autograd
-function computes the exact gradients of the same bilinear formula (zero padding, ``align_corners=False``,
-i.e. ``F.grid_sample``'s convention and the official CUDA kernel's), saving only the sampling geometry for the
-backward (about 20 bytes per sampling point instead of the ``d`` sampled channels per point).
+weight times the bilinear weight as coefficient. The forward is a single ``F.embedding_bag`` over all levels,
+heads and queries (gather and weighted sum fused: no ``[.., L * P, d]`` tensor of sampled values is built).
+The backward computes the exact gradients of the same bilinear formula (zero padding, ``align_corners=False``:
+``F.grid_sample``'s convention and the official CUDA kernel's) from one dot product per point and neighbour
+(output gradient . value row) and the transposed product for the values; it keeps about 16 bytes per sampling
+point (plus a zero-framed copy of the values) instead of the ``d`` sampled channels per point.
 
 Runs on any device and in any floating dtype (float64 for gradcheck, float32, bfloat16/float16 or autocast).
 
