@@ -370,7 +370,7 @@ def decoder(params, cfg, content, r0, memory, spatial_shapes, mask, ratios, attn
 def oracle_forward(params, cfg, images, targets=None, training=False, noised=None):
     dtype = params["label_enc.weight"].dtype
     batch, img_mask = base.pad_images([img.to(dtype) for img in images])
-    B, D, K = batch.shape[0], cfg.hidden_dim, cfg.num_queries
+    B, D = batch.shape[0], cfg.hidden_dim
     srcs, masks, pes = deform.feature_levels(params, cfg, batch, img_mask)
 
     dn_content, dn_anchors, attn_mask, dn = build_dn_part(params, cfg, targets, B, training, noised)
