@@ -5,12 +5,11 @@
         --postprocess
 
 The network is rebuilt as ``inference.py`` does (flags from the checkpoint or ``--config``, EMA weights
-when present unless ``--no-ema_weights``). The graph's input ``images [B, 3, H, W]`` is a batch of images
-transformed like evaluation images (resized, ImageNet-normalised) and unpadded; batch size, height and
-width are free (sides of at least 65 pixels). ``--postprocess`` adds the input ``orig_sizes [B, 2]``
-(height, width) and the outputs ``scores``, ``labels``, ``boxes`` (top detections, xyxy in original
-pixels). After writing the file, ONNX Runtime runs it on two image sizes against PyTorch and the largest
-difference is logged.
+when present unless ``--no-ema_weights``). The graph's input ``images [1, 3, H, W]`` is one image
+transformed like an evaluation image (resized, ImageNet-normalised); height and width are free (at least
+65 pixels). ``--postprocess`` adds the input ``orig_sizes [1, 2]`` (original height, width) and the
+outputs ``scores``, ``labels``, ``boxes`` (top detections, xyxy in original pixels). After writing the
+file, ONNX Runtime runs it on two image sizes against PyTorch and the largest difference is logged.
 """
 import argparse
 import sys
@@ -45,9 +44,9 @@ def get_export_parser() -> argparse.ArgumentParser:
 
 
 def check_sizes(val_scale: int):
-    """Two image shapes (batch, 3, H, W) to compare ONNX Runtime with PyTorch on, around ``--val_scale``."""
+    """Two image shapes (1, 3, H, W) to compare ONNX Runtime with PyTorch on, around ``--val_scale``."""
     side = max(val_scale, 96)
-    return [(2, 3, side, side + side // 3), (1, 3, side + side // 4, side)]
+    return [(1, 3, side, side + side // 3), (1, 3, side + side // 4, side)]
 
 
 @torch.no_grad()
