@@ -16,12 +16,7 @@ from util.misc import nested_tensor_from_tensor_list
 NOISELESS_DN = ("--use_dn", "--label_noise_scale", "0", "--box_noise_scale", "0")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def two_images(box_counts):

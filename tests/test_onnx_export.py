@@ -25,12 +25,7 @@ SMALL = ("--enc_layers", "1", "--dec_layers", "1")
 SIZES = [(96, 128), (144, 80)]  # both sides vary; neither is the traced example's
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("modelname", sorted(MODELS))
