@@ -54,6 +54,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "for-loop (identical to each other; fused differs from them by float rounding only)")
     parser.add_argument("--save_checkpoint_interval", type=int, default=10)
     parser.add_argument("--clip_max_norm", type=float, default=0.1, help="gradient clipping max norm (0: off)")
+    parser.add_argument("--accumulation_steps", type=int, default=1,
+                        help="gradient accumulation: micro-batches of --batch_size per optimizer step")
+    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
+                        help="keep an exponential moving average of the weights; it is what gets evaluated and "
+                             "is saved as the checkpoint's ema_model")
+    parser.add_argument("--ema_decay", type=float, default=0.9997, help="decay of the weight average per step")
+    parser.add_argument("--ema_warmup_steps", type=int, default=2000,
+                        help="the decay ramps up as decay * (1 - exp(-step / this)) (0: no warm-up)")
+    parser.add_argument("--ema_weights", action=argparse.BooleanOptionalAction, default=True,
+                        help="--eval, --pretrain_model_path, inference.py, export and torch.hub run a checkpoint's "
+                             "ema_model when it has one (--no-ema_weights: its raw model)")
 
     # backbone
     parser.add_argument("--backbone", type=str, default="resnet50",

@@ -9,6 +9,7 @@ import torch
 
 from datasets.coco_eval import CocoEvaluator
 from util.distributed import is_main_process, reduce_dict
+from util.ema import ModelEMA
 from util.metric_logger import MetricLogger, SmoothedValue
 
 
@@ -67,11 +68,24 @@ def _log_losses(metric_logger: MetricLogger, loss_dict: Dict[str, torch.Tensor],
     return total, scaled, unscaled
 
 
+def gradient_sync(model: torch.nn.Module, synchronise: bool):
+    """Context of a micro-batch's forward and backward: under DDP, gradients are all-reduced only when
+    ``synchronise`` (the last micro-batch before an optimizer step); the others accumulate locally."""
+    if synchronise or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return model.no_sync()
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, max_norm: float = 0,
                     scaler: Optional[torch.amp.GradScaler] = None, amp: bool = False, max_iters: Optional[int] = None,
-                    print_freq: int = 10, logger=None) -> Dict[str, float]:
-    """Train for one epoch; returns the epoch averages of every logged meter.
+                    print_freq: int = 10, logger=None, accumulation_steps: int = 1,
+                    ema: Optional[ModelEMA] = None) -> Dict[str, float]:
+    """Train for one epoch; returns the epoch averages of every logged meter and ``optimizer_steps``.
+
+    Every ``accumulation_steps`` batches (micro-batches) of ``data_loader`` make one optimizer step: each
+    one's loss is divided by the number of micro-batches of its step, so the accumulated gradient is their
+    mean; a last, incomplete group steps with what it has. ``ema`` is updated after every optimizer step.
 
     Raises :class:`NonFiniteLossError` naming the epoch, step and loss terms if the loss (averaged
     over processes, so every process stops together) is not finite.
@@ -82,30 +96,43 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     header = f"Epoch: [{epoch}]"
+    num_batches = len(data_loader) if max_iters is None else min(len(data_loader), max_iters)
+    optimizer_steps = 0
     for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header, logger=logger)):
+        group_start = step - step % accumulation_steps
+        group_size = min(accumulation_steps, num_batches - group_start)
+        last_of_group = step == group_start + group_size - 1
         samples = samples.to(device, non_blocking=True)
         targets = move_targets(targets, device)
-        with autocast(device, amp):
-            outputs = model(samples, targets)
-            loss_dict = criterion(outputs, targets)
-        losses = weighted_loss(loss_dict, criterion.weight_dict)
+        with gradient_sync(model, last_of_group):
+            with autocast(device, amp):
+                outputs = model(samples, targets)
+                loss_dict = criterion(outputs, targets)
+            losses = weighted_loss(loss_dict, criterion.weight_dict)
 
-        total, scaled, unscaled = _log_losses(metric_logger, loss_dict, criterion.weight_dict)
-        if not math.isfinite(total.item()):
-            terms = {k: round(v.item(), 4) for k, v in unscaled.items()}
-            raise NonFiniteLossError(f"loss is {total.item()} at epoch {epoch}, step {step}; loss terms: {terms}")
+            total, scaled, unscaled = _log_losses(metric_logger, loss_dict, criterion.weight_dict)
+            if not math.isfinite(total.item()):
+                terms = {k: round(v.item(), 4) for k, v in unscaled.items()}
+                raise NonFiniteLossError(f"loss is {total.item()} at epoch {epoch}, step {step}; loss terms: {terms}")
 
-        optimizer.zero_grad(set_to_none=True)
-        backward(losses, scaler)
-        clip_and_step(model, optimizer, max_norm, scaler)
+            if step == group_start:
+                optimizer.zero_grad(set_to_none=True)
+            backward(losses / group_size, scaler)
+        if last_of_group:
+            clip_and_step(model, optimizer, max_norm, scaler)
+            optimizer_steps += 1
+            if ema is not None:
+                ema.update(model)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-        if max_iters is not None and step + 1 >= max_iters:
+        if step + 1 >= num_batches:
             break
 
     metric_logger.synchronize_between_processes()
     if logger is not None:
         logger.info(f"Averaged stats: {metric_logger}")
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats["optimizer_steps"] = optimizer_steps
+    return stats
 
 
 @torch.no_grad()

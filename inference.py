@@ -4,10 +4,10 @@
     python inference.py --resume ckpt.pth --config configs/dn_dab_detr_r50.py --images val2017/ \\
         --output_dir out --threshold 0.5 --device cuda --batch_size 8
 
-Network flags come from the checkpoint's recorded ``args`` where neither the command line nor ``--config``
-sets them (``util.checkpoint.adopt_checkpoint_model_args``); every ``main.py`` flag is accepted. The backbone's
-ImageNet weights are never downloaded (the checkpoint replaces every weight) and the checkpoint is loaded
-strictly. Images get the evaluation transform (short side ``--val_scale``, long side capped at
+Network flags come from the checkpoint's recorded ``args`` and its tensors where neither the command line nor
+``--config`` sets them (``model_loading.load_model_for_inference``); every ``main.py`` flag is accepted. The
+backbone's ImageNet weights are never downloaded (the checkpoint replaces every weight) and the checkpoint is
+loaded strictly: its EMA weights (``ema_model``) when it has them, unless ``--no-ema_weights``. Images get the evaluation transform (short side ``--val_scale``, long side capped at
 ``--max_size``, ImageNet normalisation), are batched ``--batch_size`` at a time, and run in eval mode
 (no denoising queries).
 
@@ -41,14 +41,13 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from PIL import Image
 
-from cli import get_args_parser, warn_ignored_flags
+from cli import get_args_parser
 from datasets import coco_split_paths
 from datasets.coco import category_names_from_annotations
 from datasets.transforms import make_coco_transforms
 from engine import autocast
-from models import build_model
-from models.builder import adopt_state_dict_flags
-from util.checkpoint import CheckpointError, adopt_checkpoint_model_args, load_checkpoint, strip_ddp_prefix
+from model_loading import load_model_for_inference
+from util.checkpoint import CheckpointError
 from util.config import parse_args
 from util.device import resolve_device
 from util.logger import setup_logger
@@ -172,30 +171,13 @@ def iterate_batches(paths: Sequence[Path], image_ids: Sequence[int], names: Sequ
 def load_model(args: argparse.Namespace, logger):
     """The checkpoint's network in eval mode on ``args.device`` and its post-processor."""
     try:
-        checkpoint = load_checkpoint(args.resume)
+        model, postprocessor, _ = load_model_for_inference(args, logger)
     except (FileNotFoundError, CheckpointError) as error:
         raise SystemExit(f"inference.py: error: {error}") from None
-    if "model" not in checkpoint:
-        raise SystemExit(f"inference.py: error: checkpoint {args.resume} has no 'model' entry "
-                         f"(keys: {sorted(checkpoint)})")
-    state_dict = strip_ddp_prefix(checkpoint["model"])
-    adopt_checkpoint_model_args(args, checkpoint.get("args"), get_args_parser(), logger)
-    try:
-        adopt_state_dict_flags(args, state_dict, get_args_parser(), args.resume, logger)
-    except CheckpointError as error:
-        raise SystemExit(f"inference.py: error: {error}") from None
-    warn_ignored_flags(args, logger)
-    args.no_pretrained_backbone = True  # the checkpoint replaces every weight
-    model, _, postprocessors = build_model(args)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise SystemExit(f"inference.py: error: checkpoint {args.resume} does not fit the network built from the "
-                         f"flags (give the flags or --config it was trained with):\n{error}") from None
     device = resolve_device(args.device)
-    model.to(device).eval()
-    logger.info(f"Loaded {args.modelname} from {args.resume} (epoch {checkpoint.get('epoch', '?')}) on {device}")
-    return model, postprocessors["bbox"], device
+    model.to(device)
+    logger.info(f"Running on {device}")
+    return model, postprocessor, device
 
 
 def resolve_category_names(args: argparse.Namespace) -> Dict[int, str]:

@@ -10,6 +10,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, check
 from util.config import parse_args, save_config
 from util.device import resolve_device
 from util.distributed import get_rank, init_distributed_mode, is_main_process
+from util.ema import ModelEMA
 from util.logger import setup_logger
 from util.misc import collate_fn
 from util.optim import build_lr_scheduler, build_optimizer
@@ -35,6 +37,8 @@ __all__ = ["get_args_parser", "main"]  # the parser lives in cli.py; main.py re-
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.accumulation_steps < 1:
+        raise SystemExit(f"--accumulation_steps {args.accumulation_steps} must be >= 1")
     init_distributed_mode(args)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None:
@@ -94,10 +98,17 @@ def main(args: argparse.Namespace) -> None:
     base_ds = get_coco_api_from_dataset(dataset_val)
     debug_iters = 10 if args.debug else None
 
-    if args.pretrain_model_path:
-        load_pretrained_weights(model_without_ddp, args.pretrain_model_path, args.finetune_ignore, logger)
-    if checkpoint is not None:
-        restore_checkpoint(checkpoint, args, model_without_ddp, optimizer, lr_scheduler, scaler, logger)
+    try:
+        if args.pretrain_model_path:
+            load_pretrained_weights(model_without_ddp, args.pretrain_model_path, args.finetune_ignore, logger,
+                                    model_without_ddp.class_dependent_keys(), args.ema_weights)
+        if checkpoint is not None:
+            restore_checkpoint(checkpoint, args, model_without_ddp, optimizer, lr_scheduler, scaler, logger)
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from None
+    ema = start_ema(args, model_without_ddp, checkpoint, logger)
+    # With --use_ema the weight average is what gets evaluated and reported.
+    evaluated_model = model if ema is None else ema.module
 
     writer = SummaryWriter(str(output_dir / "tensorboard")) if output_dir is not None and is_main_process() else None
 
@@ -122,7 +133,8 @@ def main(args: argparse.Namespace) -> None:
                          "of this process: no full batch to train on")
     data_loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train, **loader_kwargs)
 
-    logger.info(f"Start training: epochs {args.start_epoch}..{args.epochs - 1}")
+    logger.info(f"Start training: epochs {args.start_epoch}..{args.epochs - 1}, {len(data_loader_train)} batches of "
+                f"{args.batch_size} per epoch and process, {args.accumulation_steps} per optimizer step")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         epoch_start = time.time()
@@ -130,21 +142,21 @@ def main(args: argparse.Namespace) -> None:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
                                       args.clip_max_norm, scaler=scaler, amp=args.amp, max_iters=debug_iters,
-                                      logger=logger)
+                                      logger=logger, accumulation_steps=args.accumulation_steps, ema=ema)
         lr_drop_epoch = (epoch + 1) % args.lr_drop == 0
         if lr_drop_epoch and output_dir is not None and is_main_process():
-            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args)
+            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, ema)
             save_checkpoint(state, output_dir / f"checkpoint{epoch:04}_beforedrop.pth")
         lr_scheduler.step()
         if output_dir is not None and is_main_process():
-            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args)
+            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, ema)
             save_checkpoint(state, output_dir / "checkpoint.pth")
             if lr_drop_epoch or (epoch + 1) % args.save_checkpoint_interval == 0:
                 save_checkpoint(state, output_dir / f"checkpoint{epoch:04}.pth")
 
         results_file = output_dir / "results" / f"epoch{epoch:04}.json" if args.save_results and output_dir else None
-        test_stats, _ = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device, amp=args.amp,
-                                 max_iters=debug_iters, results_file=results_file, logger=logger)
+        test_stats, _ = evaluate(evaluated_model, criterion, postprocessors, data_loader_val, base_ds, device,
+                                 amp=args.amp, max_iters=debug_iters, results_file=results_file, logger=logger)
         epoch_time = time.time() - epoch_start
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
@@ -157,11 +169,27 @@ def main(args: argparse.Namespace) -> None:
                 writer.add_scalar(f"test/{name}", value, epoch)
             writer.add_scalar("test/loss", test_stats["loss"], epoch)
             writer.flush()
-        logger.info(f"Epoch {epoch} done in {epoch_time:.1f}s: AP {test_stats['coco_eval_bbox'][0]:.4f}")
+        evaluated = "" if ema is None else " (EMA weights)"
+        logger.info(f"Epoch {epoch} done in {epoch_time:.1f}s: AP{evaluated} {test_stats['coco_eval_bbox'][0]:.4f}")
 
     if writer is not None:
         writer.close()
     logger.info(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start_time))}")
+
+
+def start_ema(args: argparse.Namespace, model: torch.nn.Module, checkpoint: Optional[dict], logger) -> Optional[ModelEMA]:
+    """``--use_ema`` in training: the weight average, restored from a resumed checkpoint that has one,
+    else started from the current weights."""
+    if not args.use_ema or args.eval:
+        return None
+    ema = ModelEMA(model, args.ema_decay, args.ema_warmup_steps)
+    if checkpoint is not None and "ema_model" in checkpoint:
+        ema.load_state_dict(checkpoint)
+        logger.info(f"Resumed the weight average (ema_model, {ema.updates} updates) from {args.resume}")
+    else:
+        logger.info(f"Weight average (EMA) started from the current weights, decay {args.ema_decay}, warm-up "
+                    f"{args.ema_warmup_steps} steps")
+    return ema
 
 
 if __name__ == "__main__":

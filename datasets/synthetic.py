@@ -15,6 +15,11 @@ strong occlusion, colour jitter, textured low-contrast backgrounds and distracto
 between; every knob is adjustable on its own. Output is byte-identical for the same arguments and seed.
 
     python -m datasets.synthetic --out data/synthetic --seed 0 --preset hard --num_train 2000 --num_val 200
+
+``--shapes`` draws a subset of the shapes only, as categories 1..k in the given order: a dataset with
+another label set, e.g. to fine-tune a model trained on the default one:
+
+    python -m datasets.synthetic --out data/shapes3 --shapes ring,star,cross
 """
 import argparse
 import dataclasses
@@ -58,6 +63,9 @@ class SyntheticConfig:
     empty_fraction: float = 0.1  # images without objects (at least one per split when > 0)
     crowd_fraction: float = 0.1  # images with one iscrowd group (at least one per split when > 0)
     jpeg_quality: int = 90
+    # Comma-separated subset of the six shapes, annotated as categories 1..k in the given order (a dataset
+    # with other classes than the default one, e.g. to fine-tune on); empty: all six with their CATEGORIES ids.
+    shapes: str = ""
 
     def validate(self) -> None:
         if not 8 <= self.min_size <= self.max_size:
@@ -77,6 +85,17 @@ class SyntheticConfig:
             raise ValueError(f"background range [{self.background_low}, {self.background_high}] must lie in [0, 255]")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality {self.jpeg_quality} must lie in [1, 100]")
+        names = self.shapes.split(",") if self.shapes else []
+        unknown = [name for name in names if name not in CATEGORIES.values()]
+        if unknown or len(set(names)) != len(names):
+            raise ValueError(f"shapes {self.shapes!r}: give distinct names from {', '.join(CATEGORIES.values())}, "
+                             "separated by commas")
+
+    def categories(self) -> Dict[int, str]:
+        """Category id -> shape name of the annotated classes."""
+        if not self.shapes:
+            return dict(CATEGORIES)
+        return {index + 1: name for index, name in enumerate(self.shapes.split(","))}
 
 
 PRESETS: Dict[str, SyntheticConfig] = {
@@ -164,11 +183,13 @@ class _Scene:
         self.short = min(width, height)
         self.image = _background(rng, config, width, height)  # [H, W, 3] float32
         self.objects: List[_Annotated] = []
+        self.categories = config.categories()
 
     def _colour(self, category_id: Optional[int] = None) -> np.ndarray:
-        """A palette colour: the class's own with ``class_colours`` (for annotated shapes), else a random one."""
+        """A palette colour: the class's own with ``class_colours`` (for annotated shapes; each shape keeps
+        its colour whatever its category id), else a random one."""
         if self.config.class_colours and category_id is not None:
-            colour = PALETTE[list(CATEGORIES).index(category_id)]
+            colour = PALETTE[list(CATEGORIES.values()).index(self.categories[category_id])]
         else:
             colour = PALETTE[self.rng.integers(len(PALETTE))]
         if self.config.colour_jitter > 0:
@@ -217,16 +238,16 @@ class _Scene:
             self._paint(self._random_shape_mask(shape, self.config.min_object_frac, self.config.max_object_frac))
 
     def add_object(self) -> None:
-        category_id = int(self.rng.choice(list(CATEGORIES)))
-        shape = CATEGORIES[category_id]
+        category_id = int(self.rng.choice(list(self.categories)))
+        shape = self.categories[category_id]
         self._add_annotated(
             lambda: self._random_shape_mask(shape, self.config.min_object_frac, self.config.max_object_frac),
             category_id, iscrowd=0)
 
     def add_crowd(self) -> None:
         """3..6 small shapes of one class clustered together, annotated as one iscrowd region."""
-        category_id = int(self.rng.choice(list(CATEGORIES)))
-        shape = CATEGORIES[category_id]
+        category_id = int(self.rng.choice(list(self.categories)))
+        shape = self.categories[category_id]
 
         def cluster_mask() -> np.ndarray:
             cx, cy = self.rng.uniform(0.2, 0.8) * self.width, self.rng.uniform(0.2, 0.8) * self.height
@@ -315,7 +336,8 @@ def _generate_split(out_dir: Path, split: str, num_images: int, seed: int, confi
                                 "bbox": bbox, "area": area, "iscrowd": iscrowd})
     info = {"description": f"synthetic shapes ({split}), datasets/synthetic.py", "version": "1.0",
             "generator": {"seed": seed, "preset": preset, **dataclasses.asdict(config)}}
-    categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in sorted(CATEGORIES.items())]
+    categories = [{"id": cid, "name": name, "supercategory": "shape"}
+                  for cid, name in sorted(config.categories().items())]
     dataset = {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
     ann_dir = out_dir / "annotations"
     ann_dir.mkdir(parents=True, exist_ok=True)

@@ -64,13 +64,17 @@ def build_model(args) -> Tuple[nn.Module, SetCriterion, Dict[str, nn.Module]]:
 def flags_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Tuple[Any, str]]:
     """The network flags a state dict reveals, each with the key that reveals it.
 
-    ``num_classes`` from the rows of the denoising class embedding, ``num_patterns`` from the pattern
-    embeddings (none: 0), the activation from the per-layer PReLU slopes (none: ReLU, the choice of
-    the released models that have no slopes) and ``two_stage`` from the encoder-proposal projection.
+    ``num_classes`` from the rows of the denoising class embedding (or, without one, of the class head),
+    ``num_patterns`` from the pattern embeddings (none: 0), the activation from the per-layer PReLU
+    slopes (none: ReLU, the choice of the released models that have no slopes) and ``two_stage`` from
+    the encoder-proposal projection.
     """
     flags = {}
+    class_head = next((key for key in ("class_embed.weight", "class_embed.0.weight") if key in state_dict), None)
     if "label_enc.weight" in state_dict:  # [num_classes + 1, D - 1]
         flags["num_classes"] = (state_dict["label_enc.weight"].shape[0] - 1, "label_enc.weight")
+    elif class_head is not None:  # [num_classes, D]
+        flags["num_classes"] = (state_dict[class_head].shape[0], class_head)
     # The DINO-style variant keeps its (unused) pattern embeddings at the top level.
     patterns_key = "patterns_embed.weight" if "patterns_embed.weight" in state_dict else "transformer.patterns.weight"
     patterns = state_dict.get(patterns_key)
@@ -94,7 +98,9 @@ def adopt_state_dict_flags(args, state_dict: Dict[str, torch.Tensor], defaults, 
             if flag == "transformer_activation" and found == "relu" and value != "prelu":
                 continue  # no slopes: any activation without weights fits the keys
             presence = "has" if found not in (0, "relu") else "has no"
+            fine_tune = (" (to train it on data with another class count, load it with --pretrain_model_path "
+                         "instead of --resume)" if flag == "num_classes" else "")
             raise CheckpointError(f"{source}: --{flag} {value!r} does not fit the checkpoint, which {presence} "
-                                  f"{key} ({flag} {found!r}); drop the flag or give {found!r}")
+                                  f"{key} ({flag} {found!r}); drop the flag or give {found!r}{fine_tune}")
         logger.info(f"--{flag} {found!r} read from {source} ({key})")
         setattr(args, flag, found)

@@ -74,9 +74,11 @@ class DeformableTransformerEncoder(LayerStack):
         """Pixel centres of every level, normalised by the valid (unpadded) size -> ``[B, S, L, 2]`` (x, y)."""
         points = []
         for level, (height, width) in enumerate(spatial_shapes):
+            # 0.5, 1.5, ... as arange + 0.5 (the values of linspace(0.5, n - 0.5, n)), whose length may stay
+            # symbolic when the model is exported with a dynamic image size
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=valid_ratios.device),
-                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=valid_ratios.device),
+                torch.arange(height, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+                torch.arange(width, dtype=torch.float32, device=valid_ratios.device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)  # [B, H*W]

@@ -30,6 +30,7 @@ from .dn_components import DNConfig, prepare_for_dn, split_dn_outputs
 from .layers import MLP
 
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of every class logit
+CLASS_DEPENDENT_MODULES = ("class_embed", "label_enc")  # their shapes follow the number of classes
 
 
 class FeatureLevels(NamedTuple):
@@ -143,6 +144,11 @@ class DNDetector(nn.Module):
         """``[num_classes + 1, D - 1]``: one channel of the ``D``-wide query content is left for the
         denoising indicator (1 for a denoising query, 0 for a matching query)."""
         return nn.Embedding(self.num_classes + 1, self.transformer.d_model - 1)
+
+    def class_dependent_keys(self) -> List[str]:
+        """State-dict keys whose shape follows the number of classes: the class head(s) and the label
+        embedding of the denoising queries (what changes when fine-tuning on data with other classes)."""
+        return [key for key in self.state_dict() if key.split(".", 1)[0] in CLASS_DEPENDENT_MODULES]
 
     def randomise_anchor_xy(self) -> None:
         """``--random_refpoints_xy``: anchor centres drawn uniformly in the image. Initialisation only:

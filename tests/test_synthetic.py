@@ -18,6 +18,16 @@ def _files(root: Path):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _palette_colour(image_path: Path, bbox) -> int:
+    """Index of the palette colour most pixels of the shape in ``bbox`` are closest to (black background)."""
+    pixels = np.asarray(Image.open(image_path).convert("RGB"), dtype=np.int32)
+    x, y, w, h = (int(round(v)) for v in bbox)
+    inside = pixels[y:y + h, x:x + w].reshape(-1, 3)
+    inside = inside[inside.max(axis=1) > 100]  # the shape, not the black background
+    nearest = np.abs(inside[:, None, :] - PALETTE[None].astype(np.int32)).sum(-1).argmin(1)
+    return int(np.bincount(nearest).argmax())
+
+
 def _load(root: Path, split: str) -> dict:
     return json.loads((root / "annotations" / f"instances_{split}2017.json").read_text())
 
@@ -98,14 +108,28 @@ def test_class_colours_paint_each_class_in_its_own_colour(tmp_path):
     files = {img["id"]: img["file_name"] for img in data["images"]}
     colour_of_class = {}
     for ann in data["annotations"]:
-        pixels = np.asarray(Image.open(root / "train2017" / files[ann["image_id"]]).convert("RGB"), dtype=np.int32)
-        x, y, w, h = (int(round(v)) for v in ann["bbox"])
-        inside = pixels[y:y + h, x:x + w].reshape(-1, 3)
-        inside = inside[inside.max(axis=1) > 100]  # the shape, not the black background
-        nearest = np.abs(inside[:, None, :] - PALETTE[None].astype(np.int32)).sum(-1).argmin(1)
-        colour = int(np.bincount(nearest).argmax())
+        colour = _palette_colour(root / "train2017" / files[ann["image_id"]], ann["bbox"])
         assert colour_of_class.setdefault(ann["category_id"], colour) == colour, ann
     assert len(colour_of_class) >= 4 and len(set(colour_of_class.values())) == len(colour_of_class)
+
+
+def test_a_subset_of_shapes_is_a_dataset_with_other_categories(tmp_path):
+    """--shapes: only those shapes, as categories 1..k in the given order, each in its usual class colour."""
+    root = generate_synthetic_coco(
+        tmp_path, num_train=12, num_val=0, seed=2, max_objects=2, noise_std=0.0, background_low=0,
+        background_high=0, empty_fraction=0.0, crowd_fraction=0.0, jpeg_quality=100, class_colours=True,
+        shapes="star,cross")
+    data = _load(root, "train")
+    assert data["categories"] == [{"id": 1, "name": "star", "supercategory": "shape"},
+                                  {"id": 2, "name": "cross", "supercategory": "shape"}]
+    assert {a["category_id"] for a in data["annotations"]} == {1, 2}
+    files = {img["id"]: img["file_name"] for img in data["images"]}
+    for ann in data["annotations"]:
+        shape = data["categories"][ann["category_id"] - 1]["name"]
+        colour = _palette_colour(root / "train2017" / files[ann["image_id"]], ann["bbox"])
+        assert colour == list(CATEGORIES.values()).index(shape)
+    with pytest.raises(ValueError, match="shapes 'star,hexagon'"):
+        make_config("easy", shapes="star,hexagon")
 
 
 def test_presets_differ_in_difficulty(tmp_path):

@@ -9,7 +9,8 @@ Reading (:func:`load_checkpoint`): ``torch.load(weights_only=True)``, i.e. no co
 imported or run. Besides tensors, numbers, strings and containers, the only class allowed is
 ``argparse.Namespace``: the official DN-DETR checkpoints (``model``, ``optimizer``, ``lr_scheduler``,
 ``epoch``, ``args``) pickle their ``args`` as one. A file that needs anything else is refused with
-:class:`UnsafeCheckpointError`.
+:class:`UnsafeCheckpointError`. Runs with ``--use_ema`` add ``ema_model`` (a state dict laid out like
+``model``) and ``ema_updates`` (an int), which need nothing beyond that.
 """
 import argparse
 import os
@@ -17,7 +18,7 @@ import pickle
 import re
 import secrets
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.error import URLError
 from urllib.parse import urlparse
 
@@ -207,12 +208,16 @@ def adopt_checkpoint_model_args(args: argparse.Namespace, checkpoint_args: Optio
             setattr(args, flag, recorded)
 
 
-def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args: argparse.Namespace) -> dict:
-    """The DETR checkpoint layout (``model``, ``optimizer``, ``lr_scheduler``, ``epoch``, ``args``) + AMP scaler."""
+def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args: argparse.Namespace,
+                     ema=None) -> dict:
+    """The DETR checkpoint layout (``model``, ``optimizer``, ``lr_scheduler``, ``epoch``, ``args``) + AMP scaler
+    + the weight average (``ema_model``, ``ema_updates``) of a ``--use_ema`` run."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args).copy()}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
+    if ema is not None:
+        state.update(ema.state_dict())
     return state
 
 
@@ -220,21 +225,67 @@ def strip_ddp_prefix(state_dict: dict) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
-def load_pretrained_weights(model, path: str, ignore_keywords, logger) -> None:
-    """Weights only, non-strict: entries whose name contains an ``--finetune_ignore`` keyword are dropped."""
-    state = strip_ddp_prefix(load_checkpoint(path)["model"])
+def model_weights(checkpoint: Mapping[str, Any], source: PathLike, ema_weights: bool = True) -> Tuple[dict, str]:
+    """The state dict to run a checkpoint with, and its key: ``ema_model`` (the weight average of a
+    ``--use_ema`` run) when there is one and ``ema_weights``, else ``model``; DDP prefixes removed."""
+    key = "ema_model" if ema_weights and "ema_model" in checkpoint else "model"
+    if key not in checkpoint:
+        raise CheckpointError(f"checkpoint {source} has no 'model' entry (keys: {sorted(checkpoint)})")
+    return strip_ddp_prefix(checkpoint[key]), key
+
+
+def _shape_changes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], keys) -> str:
+    return ", ".join(f"{k} {tuple(state[k].shape)} (network: {tuple(expected[k].shape)})" for k in keys)
+
+
+def load_weights_strictly(model, state: Mapping[str, torch.Tensor], source: PathLike) -> None:
+    """``model.load_state_dict(state, strict=True)``; weights that do not fit are a :class:`CheckpointError`
+    naming ``source`` and every missing, unexpected and mis-shaped entry."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        problems = [f"{name}: {entries}" for name, entries in (
+            ("different shapes", _shape_changes(state, expected, reshaped)), ("missing", ", ".join(missing)),
+            ("unexpected", ", ".join(unexpected))) if entries]
+        raise CheckpointError(f"checkpoint {source} does not fit the network built from the flags (give the flags "
+                              f"or --config it was trained with); " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_pretrained_weights(model, path: PathLike, ignore_keywords, logger, class_keys: Sequence[str] = (),
+                            ema_weights: bool = True) -> None:
+    """``--pretrain_model_path``: weights only (the EMA weights when the file has them and ``ema_weights``),
+    non-strict. Entries whose name contains an ``--finetune_ignore`` keyword are dropped. Entries of
+    ``class_keys`` (the network's class-dependent tensors) whose shape differs, i.e. a checkpoint trained for
+    another number of classes, keep the network's fresh initialisation, listed in one log line; any other
+    shape difference is a :class:`CheckpointError` naming the file and the entries."""
+    state, key = model_weights(load_checkpoint(path), path, ema_weights)
     if ignore_keywords:
         dropped = [k for k in state if any(word in k for word in ignore_keywords)]
         state = {k: v for k, v in state.items() if k not in dropped}
         logger.info(f"--finetune_ignore dropped {len(dropped)} entries: {dropped}")
+    expected = model.state_dict()
+    reshaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    architecture = [k for k in reshaped if k not in class_keys]
+    if architecture:
+        raise CheckpointError(f"--pretrain_model_path {path} does not fit the network built from the flags: "
+                              f"{_shape_changes(state, expected, architecture)}; give the network flags (or "
+                              f"--config) it was trained with, or drop these entries with --finetune_ignore")
+    if reshaped:
+        logger.info(f"Class count differs from {path}: re-initialised {_shape_changes(state, expected, reshaped)}")
+        state = {k: v for k, v in state.items() if k not in reshaped}
     result = model.load_state_dict(state, strict=False)
-    logger.info(f"Loaded {path}: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    logger.info(f"Loaded {path} ({key}): missing {result.missing_keys}, unexpected {result.unexpected_keys}")
 
 
 def restore_checkpoint(checkpoint: dict, args: argparse.Namespace, model, optimizer, lr_scheduler, scaler, logger) -> None:
-    """``--resume``: the model strictly; in training also optimizer, scheduler, scaler and the epoch."""
-    model.load_state_dict(strip_ddp_prefix(checkpoint["model"]), strict=True)
-    logger.info(f"Resumed model weights from {args.resume}")
+    """``--resume``: the model strictly (with ``--eval`` the EMA weights when the checkpoint has them, unless
+    ``--no-ema_weights``); in training also optimizer, scheduler, scaler and the epoch."""
+    state, key = model_weights(checkpoint, args.resume, ema_weights=args.eval and args.ema_weights)
+    load_weights_strictly(model, state, args.resume)
+    logger.info(f"Resumed model weights from {args.resume} ({key})")
     if args.eval or not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
         return
     optimizer.load_state_dict(checkpoint["optimizer"])

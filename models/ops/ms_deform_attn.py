@@ -27,6 +27,12 @@ from torch import nn
 SpatialShapes = Union[torch.Tensor, Sequence[Sequence[int]]]
 
 
+def _side(size) -> int:
+    """A level's height or width as a Python int; a symbolic size (a model exported for any image size)
+    stays symbolic instead of being frozen to the example's value."""
+    return size if isinstance(size, torch.SymInt) else int(size)
+
+
 def spatial_shapes_as_list(spatial_shapes: SpatialShapes) -> List[Tuple[int, int]]:
     """``(H_l, W_l)`` per level as Python ints; a tensor is read back once (a host sync on accelerators)."""
     if isinstance(spatial_shapes, torch.Tensor):
@@ -34,7 +40,7 @@ def spatial_shapes_as_list(spatial_shapes: SpatialShapes) -> List[Tuple[int, int
             raise ValueError(f"spatial_shapes must have shape [L, 2] (H, W per level), "
                              f"got {tuple(spatial_shapes.shape)}")
         spatial_shapes = spatial_shapes.tolist()
-    shapes = [(int(height), int(width)) for height, width in spatial_shapes]
+    shapes = [(_side(height), _side(width)) for height, width in spatial_shapes]
     for level, (height, width) in enumerate(shapes):
         if height <= 0 or width <= 0:
             raise ValueError(f"spatial_shapes level {level} is ({height}, {width}); sizes must be positive")
