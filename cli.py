@@ -4,6 +4,7 @@ import argparse
 import logging
 
 from models.registry import MODELS
+from util.optim import ADAMW_IMPLEMENTATIONS
 
 COCO_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 
@@ -25,6 +26,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_patterns", type=int, default=0, help="pattern embeddings (dn_dab_detr)")
     parser.add_argument("--random_refpoints_xy", action=argparse.BooleanOptionalAction, default=False,
                         help="initialise anchor x,y uniformly at random (they still train, as officially)")
+    parser.add_argument("--contrastive", action="store_true",
+                        help="dn_dab_dino_deformable_detr: contrastive denoising, a positive and a negative "
+                             "(to be classified as no object) denoising query per ground truth and group")
+    parser.add_argument("--cdn_split_per_image", action="store_true",
+                        help="with --contrastive: the negatives are each image's copies of its ground truth "
+                             "(default: the second half of each group, as the original; wrong for batches with "
+                             "several non-empty images)")
+    parser.add_argument("--use_mqs", action="store_true",
+                        help="dn_dab_dino_deformable_detr: accepted for compatibility; mixed query selection is "
+                             "on exactly with --two_stage")
+    parser.add_argument("--use_lft", action="store_true",
+                        help="dn_dab_dino_deformable_detr: accepted for compatibility; look-forward-twice is "
+                             "always on")
 
     # optimisation
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -35,6 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr_drop", type=int, default=40)
     parser.add_argument("--override_resumed_lr_drop", action="store_true")
     parser.add_argument("--drop_lr_now", action="store_true", help="on resume, multiply the lr by 0.1 now")
+    parser.add_argument("--adamw_impl", default="fused", choices=sorted(ADAMW_IMPLEMENTATIONS),
+                        help="AdamW's implementation: fused (default; about 3x faster steps on a CPU), foreach or "
+                             "for-loop (identical to each other; fused differs from them by float rounding only)")
     parser.add_argument("--save_checkpoint_interval", type=int, default=10)
     parser.add_argument("--clip_max_norm", type=float, default=0.1, help="gradient clipping max norm (0: off)")
     parser.add_argument("--accumulation_steps", type=int, default=1,
@@ -79,8 +96,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_feature_levels", type=int, default=4, help="dn_dab_deformable_detr")
     parser.add_argument("--enc_n_points", type=int, default=4, help="dn_dab_deformable_detr")
     parser.add_argument("--dec_n_points", type=int, default=4, help="dn_dab_deformable_detr")
+    parser.add_argument("--checkpoint_encoder", action=argparse.BooleanOptionalAction, default=False,
+                        help="activation checkpointing of the encoder layers: recompute their activations in the "
+                             "backward pass instead of keeping them (less memory, more compute, same gradients)")
+    parser.add_argument("--checkpoint_decoder", action=argparse.BooleanOptionalAction, default=False,
+                        help="activation checkpointing of the decoder layers")
     parser.add_argument("--two_stage", action="store_true",
-                        help="not supported (the official release does not support it either)")
+                        help="dn_dab_dino_deformable_detr: matching queries selected from encoder proposals "
+                             "(not supported by the other models)")
+    parser.add_argument("--num_results", type=int, default=300,
+                        help="detections kept per image (dn_dab_dino_deformable_detr)")
 
     # matcher and losses
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",

@@ -27,10 +27,14 @@ def multihead_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     num_queries, batch, qk_dim = query.shape
     num_keys = key.shape[0]
     head_dim = qk_dim // num_heads
-    # [L, B, E] -> [B, h, L, E / h]
-    q = query.reshape(num_queries, batch, num_heads, head_dim).permute(1, 2, 0, 3)
-    k = key.reshape(num_keys, batch, num_heads, head_dim).permute(1, 2, 0, 3)
-    v = value.reshape(num_keys, batch, num_heads, -1).permute(1, 2, 0, 3)
+    # [L, B, E] -> [B, L, E] (a copy) -> [B, L, h, E / h] -> [B, h, L, E / h] (a view). Same values as the
+    # direct [L, B, h, E / h].permute(1, 2, 0, 3), but torch.compile's inductor rewrites the decomposed
+    # attention of that view wrongly (its fused-attention pattern assumes heads came from [B, L, h, E / h]
+    # through a swap of dims 1 and 2, and rebuilds the call with dims in the wrong order), so training a
+    # compiled model failed; this layout is the one the pattern expects.
+    q = query.transpose(0, 1).reshape(batch, num_queries, num_heads, head_dim).transpose(1, 2)
+    k = key.transpose(0, 1).reshape(batch, num_keys, num_heads, head_dim).transpose(1, 2)
+    v = value.transpose(0, 1).reshape(batch, num_keys, num_heads, -1).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q, k, v,
         attn_mask=attention_allowed_mask(attn_mask, key_padding_mask),

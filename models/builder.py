@@ -31,6 +31,13 @@ def resolve_num_classes(args, dataset_max_category_id: Optional[int] = None, dat
     return args.num_classes
 
 
+def build_dn_config(args) -> Optional[DNConfig]:
+    """The denoising settings of ``args`` (None without ``--use_dn``), with the ones the model fixes."""
+    if not args.use_dn:
+        return None
+    return DNConfig.from_args(args, **MODELS[args.modelname].dn_options)
+
+
 def build_model(args) -> Tuple[nn.Module, SetCriterion, Dict[str, nn.Module]]:
     """``args`` is the namespace of ``cli.get_args_parser()``; the model is built on the CPU."""
     if args.modelname not in MODELS:
@@ -40,11 +47,14 @@ def build_model(args) -> Tuple[nn.Module, SetCriterion, Dict[str, nn.Module]]:
         if getattr(args, flag):
             raise ValueError(f"--{flag} is not supported by {args.modelname}")
     resolve_num_classes(args)
-    dn_config = DNConfig(args.scalar, args.label_noise_scale, args.box_noise_scale) if args.use_dn else None
+    dn_config = build_dn_config(args)
     model = entry.build(args, dn_config)
+    model.transformer.encoder.checkpoint_layers = args.checkpoint_encoder
+    model.transformer.decoder.checkpoint_layers = args.checkpoint_decoder
 
     weight_dict = build_weight_dict(args, model.transformer.decoder.num_layers, denoising=dn_config is not None,
-                                    dn_class_loss_coef=resolve(entry.dn_class_loss_coef, args), aux_loss=args.aux_loss)
+                                    dn_class_loss_coef=resolve(entry.dn_class_loss_coef, args), aux_loss=args.aux_loss,
+                                    encoder_losses=entry.encoder_losses)
     matcher = build_matcher(args, resolve(entry.matcher_focal_alpha, args))
     criterion = SetCriterion(args.num_classes, matcher, weight_dict, focal_alpha=args.focal_alpha,
                              log_xy_hw=entry.log_xy_hw)
@@ -55,8 +65,9 @@ def flags_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Tupl
     """The network flags a state dict reveals, each with the key that reveals it.
 
     ``num_classes`` from the rows of the denoising class embedding (or, without one, of the class head),
-    ``num_patterns`` from the pattern embeddings (none: 0), and the activation from the per-layer PReLU
-    slopes (none: ReLU, the choice of the released models that have no slopes).
+    ``num_patterns`` from the pattern embeddings (none: 0), the activation from the per-layer PReLU
+    slopes (none: ReLU, the choice of the released models that have no slopes) and ``two_stage`` from the
+    encoder-proposal projection.
     """
     flags = {}
     class_head = next((key for key in ("class_embed.weight", "class_embed.0.weight") if key in state_dict), None)
@@ -64,8 +75,11 @@ def flags_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Tupl
         flags["num_classes"] = (state_dict["label_enc.weight"].shape[0] - 1, "label_enc.weight")
     elif class_head is not None:  # [num_classes, D]
         flags["num_classes"] = (state_dict[class_head].shape[0], class_head)
-    patterns = state_dict.get("transformer.patterns.weight")
-    flags["num_patterns"] = (0 if patterns is None else patterns.shape[0], "transformer.patterns.weight")
+    # The DINO-style variant keeps its (unused) pattern embeddings at the top level.
+    patterns_key = "patterns_embed.weight" if "patterns_embed.weight" in state_dict else "transformer.patterns.weight"
+    patterns = state_dict.get(patterns_key)
+    flags["num_patterns"] = (0 if patterns is None else patterns.shape[0], patterns_key)
+    flags["two_stage"] = ("transformer.enc_output.weight" in state_dict, "transformer.enc_output.weight")
     slopes = [key for key in state_dict if key.endswith(".activation.weight")]
     flags["transformer_activation"] = ("prelu", slopes[0]) if slopes else ("relu", "*.activation.weight")
     return flags

@@ -26,25 +26,30 @@ def dn_losses(dn_meta: Optional[DNMeta], dn_predictions: Optional[DNPredictions]
     """Reconstruction losses of the denoising queries of the last ``num_layers`` decoder layers.
 
     Each denoising query is supervised by the ground truth it was noised from (no matching): focal
-    classification, L1 and GIoU, normalised by the number of denoising entries of this process (as in
-    the original release, not averaged across processes). Without denoising predictions (evaluation,
-    a batch without objects) every key is a constant zero, so logs keep their keys.
+    classification (a contrastive negative's target is "no object"), L1 and GIoU (on the entries that are
+    not negatives), all divided by the number of reconstructed entries of this process (as in the original
+    release, not averaged across processes). Without denoising predictions (evaluation, a batch without
+    objects) every key is a constant zero, so logs keep their keys.
     """
     suffixes = layer_loss_suffixes(num_layers)
     if dn_predictions is None:
         zero = torch.zeros((), device=device)
         return {name + suffix: zero for suffix in suffixes for name in DN_LOSS_NAMES}
 
-    # [L, B, pad, *] -> [L, G * N, *]: each entry's prediction in its own image and row.
+    # [L, B, pad, *] -> [L, G * M, *]: each entry's prediction in its own image and row.
     logits = dn_predictions.pred_logits[:, dn_meta.batch_idx, dn_meta.query_idx].float()
     boxes = dn_predictions.pred_boxes[:, dn_meta.batch_idx, dn_meta.query_idx].float()
-    num_entries = dn_meta.labels.shape[0]
+    target_boxes = dn_meta.boxes
+    if dn_meta.positive_idx is not None:
+        boxes, target_boxes = boxes[:, dn_meta.positive_idx], target_boxes[dn_meta.positive_idx]
+    # Half the entries with contrastive denoising, yet the class loss sums over all of them (original).
+    normalizer = dn_meta.num_reconstructed
     first_layer = logits.shape[0] - num_layers
     losses = {}
     for layer_id, suffix in enumerate(suffixes, start=first_layer):
-        box_losses = box_regression_losses(boxes[layer_id], dn_meta.boxes, num_entries)
+        box_losses = box_regression_losses(boxes[layer_id], target_boxes, normalizer)
         losses["tgt_loss_ce" + suffix] = focal_classification_loss(
-            logits[layer_id][None], dn_meta.labels[None], num_entries, focal_alpha)
+            logits[layer_id][None], dn_meta.labels[None], normalizer, focal_alpha)
         losses["tgt_class_error" + suffix] = 100 - accuracy(logits[layer_id], dn_meta.labels)[0]
         losses["tgt_loss_bbox" + suffix] = box_losses["loss_bbox"]
         losses["tgt_loss_giou" + suffix] = box_losses["loss_giou"]
@@ -59,7 +64,8 @@ class SetCriterion(nn.Module):
     ``_i`` keys. The denoising losses are the ``tgt_*`` keys: computed from the outputs' denoising
     predictions when there are some and the criterion is in training mode, and reported as zeros
     otherwise (evaluation, a batch without objects) whenever ``weight_dict`` weighs them, i.e. for a
-    model trained with denoising.
+    model trained with denoising. Encoder proposals (``enc_outputs`` of a two-stage model) are matched to
+    the targets with every label set to class 0, in training and evaluation alike, under ``_enc`` keys.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: Dict[str, float],
@@ -136,6 +142,15 @@ class SetCriterion(nn.Module):
             layer_losses = self.layer_losses(layer_out, match, tgt_labels, tgt_boxes, target_lengths, num_boxes,
                                              log=suffix == "")
             losses.update({name + suffix: value for name, value in layer_losses.items()})
+        if "enc_outputs" in outputs:
+            # Objectness of the encoder proposals: the original scores them with class 0 of a full class head
+            # and trains that column only (all targets relabelled 0; the other columns are all negatives).
+            enc_targets = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets]
+            (enc_match,) = self.flatten_matches(self.matcher.match_layers([outputs["enc_outputs"]], enc_targets),
+                                                sizes, device)
+            enc_losses = self.layer_losses(outputs["enc_outputs"], enc_match, torch.zeros_like(tgt_labels), tgt_boxes,
+                                           target_lengths, num_boxes, log=False)
+            losses.update({name + "_enc": value for name, value in enc_losses.items()})
         if self.reports_dn_losses:
             dn_predictions = outputs.get("dn_outputs") if self.training else None  # evaluation: zeros
             losses.update(dn_losses(outputs.get("dn_meta"), dn_predictions, len(layer_outputs), self.focal_alpha,
@@ -144,12 +159,17 @@ class SetCriterion(nn.Module):
 
 
 def build_weight_dict(args, num_decoder_layers: int, denoising: bool, dn_class_loss_coef: float,
-                      aux_loss: bool) -> Dict[str, float]:
+                      aux_loss: bool, encoder_losses: bool = False) -> Dict[str, float]:
     """Weight of every loss key the criterion sums: matching terms and, with ``denoising``, their
-    ``tgt_`` counterparts, for the last layer and (with ``aux_loss``) every auxiliary layer."""
+    ``tgt_`` counterparts, for the last layer and (with ``aux_loss``) every auxiliary layer and, with
+    ``encoder_losses``, the encoder proposals (``_enc``)."""
     base = dict(zip(MATCHING_LOSS_NAMES, (args.cls_loss_coef, args.bbox_loss_coef, args.giou_loss_coef)))
     if denoising:
         base.update({"tgt_loss_ce": dn_class_loss_coef, "tgt_loss_bbox": args.bbox_loss_coef,
                      "tgt_loss_giou": args.giou_loss_coef})
     suffixes = [""] + (layer_loss_suffixes(num_decoder_layers)[:-1] if aux_loss else [])
+    # The original weighs the encoder losses only through the auxiliary-loss copies (and also makes
+    # tgt_*_enc copies, which no loss uses).
+    if aux_loss and encoder_losses:
+        suffixes.append("_enc")
     return {name + suffix: coef for suffix in suffixes for name, coef in base.items()}

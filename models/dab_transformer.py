@@ -13,7 +13,7 @@ from util.misc import inverse_sigmoid
 
 from .attention import MultiheadAttentionNoInProj
 from .detector import EncoderMemory, FeatureLevels
-from .layers import MLP, build_activation, clone_modules
+from .layers import MLP, LayerStack, build_activation, transformer_size
 from .position_encoding import anchor_sine_embedding
 
 
@@ -40,19 +40,18 @@ class TransformerEncoderLayer(nn.Module):
         return src
 
 
-class TransformerEncoder(nn.Module):
+class TransformerEncoder(LayerStack):
     """Encoder whose positional encoding is rescaled by an MLP of the current state at every layer."""
 
     def __init__(self, layer: TransformerEncoderLayer, num_layers: int, d_model: int, final_norm: bool):
-        super().__init__()
-        self.layers = clone_modules(layer, num_layers)
+        super().__init__(layer, num_layers)
         self.query_scale = MLP(d_model, d_model, d_model, 2)
         self.norm = nn.LayerNorm(d_model) if final_norm else None
 
     def forward(self, src, src_key_padding_mask, pos):
         output = src
         for layer in self.layers:
-            output = layer(output, src_key_padding_mask, pos * self.query_scale(output))
+            output = self.run_layer(layer, output, src_key_padding_mask, pos * self.query_scale(output))
         if self.norm is not None:
             output = self.norm(output)
         return output
@@ -136,13 +135,11 @@ class TransformerDecoderLayer(nn.Module):
         return tgt
 
 
-class TransformerDecoder(nn.Module):
+class TransformerDecoder(LayerStack):
     """Decoder that refines anchor boxes ``(x, y, w, h)`` after every layer."""
 
     def __init__(self, layer: TransformerDecoderLayer, num_layers: int, d_model: int):
-        super().__init__()
-        self.num_layers = num_layers
-        self.layers = clone_modules(layer, num_layers)
+        super().__init__(layer, num_layers)
         for later_layer in self.layers[1:]:
             later_layer.ca_qpos_proj = None
         self.norm = nn.LayerNorm(d_model)
@@ -177,8 +174,8 @@ class TransformerDecoder(nn.Module):
                 query_sine_embed[..., half:] * (ref_hw[..., 0] / reference[..., 2]).unsqueeze(-1),
             ], dim=-1)
 
-            output = layer(output, memory, tgt_mask, memory_key_padding_mask, pos, query_pos, query_sine_embed,
-                           level_sizes)
+            output = self.run_layer(layer, output, memory, tgt_mask, memory_key_padding_mask, pos, query_pos,
+                                    query_sine_embed, level_sizes)
 
             refined = (self.bbox_embed(output) + inverse_sigmoid(reference)).sigmoid()
             if layer_id < len(self.layers) - 1:
@@ -237,14 +234,5 @@ class Transformer(DABDecoding, nn.Module):
 
 
 def build_dab_transformer(args) -> Transformer:
-    return Transformer(
-        d_model=args.hidden_dim,
-        nhead=args.nheads,
-        num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers,
-        dim_feedforward=args.dim_feedforward,
-        dropout=args.dropout,
-        activation=args.transformer_activation,
-        encoder_final_norm=args.pre_norm,
-        num_patterns=args.num_patterns,
-    )
+    return Transformer(**transformer_size(args), activation=args.transformer_activation,
+                       encoder_final_norm=args.pre_norm, num_patterns=args.num_patterns)

@@ -4,7 +4,7 @@ Batch-first throughout (``[B, L, D]``). Encoder and decoder cross-attention are 
 deformable attention; the decoder refines 4-D anchors with per-layer box heads that the detector
 attaches as ``decoder.bbox_embed``.
 """
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from torch import nn
 from util.misc import inverse_sigmoid
 
 from .detector import EncoderMemory, FeatureLevels
-from .layers import MLP, build_activation, clone_modules
+from .layers import MLP, LayerStack, build_activation, transformer_size
 from .ops import MSDeformAttn
 from .position_encoding import anchor_sine_embedding
 
@@ -65,10 +65,9 @@ class DeformableTransformerDecoderLayer(nn.Module):
         return tgt
 
 
-class DeformableTransformerEncoder(nn.Module):
+class DeformableTransformerEncoder(LayerStack):
     def __init__(self, layer: DeformableTransformerEncoderLayer, num_layers: int):
-        super().__init__()
-        self.layers = clone_modules(layer, num_layers)
+        super().__init__(layer, num_layers)
 
     @staticmethod
     def reference_points(spatial_shapes: List[Tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
@@ -92,25 +91,31 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
         output = src
         for layer in self.layers:
-            output = layer(output, pos, reference_points, spatial_shapes, padding_mask)
+            output = self.run_layer(layer, output, pos, reference_points, spatial_shapes, padding_mask)
         return output
 
 
-class DeformableTransformerDecoder(nn.Module):
-    """Anchor-refining decoder; every layer's references are detached before the next layer."""
+class DeformableTransformerDecoder(LayerStack):
+    """Anchor-refining decoder; every layer's references are detached before the next layer.
 
-    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int, d_model: int):
-        super().__init__()
-        self.num_layers = num_layers
-        self.layers = clone_modules(layer, num_layers)
+    With ``look_forward_twice`` the references returned for the heads of layer ``l >= 1`` are the refined
+    boxes of layer ``l - 1`` before that detach (same values): a layer's box loss then also trains the
+    previous layer's box head.
+    """
+
+    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int, d_model: int,
+                 look_forward_twice: bool = False):
+        super().__init__(layer, num_layers)
+        self.look_forward_twice = look_forward_twice
         self.query_scale = MLP(d_model, d_model, d_model, 2)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.bbox_embed: Optional[nn.ModuleList] = None  # the detector's per-layer box heads, attached later
+        self.class_embed: Optional[nn.ModuleList] = None  # two-stage only: the detector's class heads, attached later
 
     def forward(self, tgt, reference_points, memory, spatial_shapes, valid_ratios, memory_padding_mask,
                 self_attn_mask):
         """``tgt [B, Q, D]``, ``reference_points [B, Q, 4]`` (sigmoid space) -> layer outputs ``[L, B, Q, D]``
-        and the detached references each layer's heads refine ``[L, B, Q, 4]`` (the first is the input)."""
+        and the references each layer's heads refine ``[L, B, Q, 4]`` (the first is the input)."""
         d_model = tgt.shape[-1]
         output = tgt
         intermediate, references = [], [reference_points]
@@ -120,12 +125,13 @@ class DeformableTransformerDecoder(nn.Module):
             raw_query_pos = self.ref_point_head(anchor_sine_embedding(reference_input[:, :, 0, :], d_model // 2))
             query_pos = raw_query_pos if layer_id == 0 else self.query_scale(output) * raw_query_pos
 
-            output = layer(output, query_pos, reference_input, memory, spatial_shapes, memory_padding_mask,
-                           self_attn_mask)
+            output = self.run_layer(layer, output, query_pos, reference_input, memory, spatial_shapes,
+                                    memory_padding_mask, self_attn_mask)
 
-            reference_points = (self.bbox_embed[layer_id](output) + inverse_sigmoid(reference_points)).sigmoid().detach()
+            refined = (self.bbox_embed[layer_id](output) + inverse_sigmoid(reference_points)).sigmoid()
+            reference_points = refined.detach()
             intermediate.append(output)
-            references.append(reference_points)
+            references.append(refined if self.look_forward_twice else reference_points)
         return torch.stack(intermediate), torch.stack(references[:-1])
 
 
@@ -159,10 +165,45 @@ class DeformableEncoding:
         return EncoderMemory(memory, mask_flatten, lvl_pos_embed_flatten, spatial_shapes, valid_ratios)
 
 
+PROPOSAL_BASE_SIZE = 0.05  # side of the encoder proposals at the finest level, doubled per level
+PROPOSAL_VALID_RANGE = (0.01, 0.99)  # proposals with a coordinate outside (exclusive) are not selectable
+
+
+def encoder_proposals(memory: EncoderMemory) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A box proposal per encoder token: centred on its pixel, normalised by the image's unpadded size,
+    ``PROPOSAL_BASE_SIZE * 2**level`` wide and high.
+
+    Returns the proposals' logits ``[B, S, 4]`` (float32, unclamped; ``+inf`` on invalid tokens) and the
+    validity ``[B, S]``: every coordinate strictly inside ``PROPOSAL_VALID_RANGE`` and the token unpadded.
+    """
+    proposals, start = [], 0
+    for level, (height, width) in enumerate(memory.spatial_shapes):
+        mask = memory.padding_mask[:, start:start + height * width].view(-1, height, width)
+        start += height * width
+        valid_h = (~mask[:, :, 0]).sum(1).float()[:, None, None]  # [B, 1, 1] unpadded rows
+        valid_w = (~mask[:, 0, :]).sum(1).float()[:, None, None]
+        rows = torch.arange(height, dtype=torch.float32, device=mask.device)[None, :, None]
+        cols = torch.arange(width, dtype=torch.float32, device=mask.device)[None, None, :]
+        cx = ((cols + 0.5) / valid_w).expand(-1, height, -1)  # [B, H, W]
+        cy = ((rows + 0.5) / valid_h).expand(-1, -1, width)
+        size = torch.full_like(cx, PROPOSAL_BASE_SIZE * 2.0 ** level)
+        proposals.append(torch.stack([cx, cy, size, size], -1).flatten(1, 2))
+    proposals = torch.cat(proposals, 1)  # [B, S, 4]
+    low, high = PROPOSAL_VALID_RANGE
+    valid = ((proposals > low) & (proposals < high)).all(-1) & ~memory.padding_mask
+    logits = torch.log(proposals / (1 - proposals)).masked_fill(~valid[..., None], float("inf"))
+    return logits, valid
+
+
 class DeformableTransformer(DeformableEncoding, nn.Module):
+    """With ``num_selected_queries > 0`` (two-stage), the matching queries are selected from the encoder
+    proposals (:meth:`select_queries`): ``enc_output`` / ``enc_output_norm`` project the encoder memory
+    for the proposal heads and ``tgt_embed`` holds the queries' learned content."""
+
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.0,
-                 num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4):
+                 num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4,
+                 look_forward_twice: bool = False, num_selected_queries: int = 0):
         super().__init__()
         self.d_model = d_model
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
@@ -171,7 +212,13 @@ class DeformableTransformer(DeformableEncoding, nn.Module):
         self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
         decoder_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
                                                           nhead, dec_n_points)
-        self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers, d_model)
+        self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers, d_model, look_forward_twice)
+        self.num_selected_queries = num_selected_queries
+        if num_selected_queries > 0:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.tgt_embed = nn.Embedding(num_selected_queries, d_model)
+            nn.init.normal_(self.tgt_embed.weight)  # drawn twice, as the original does (seeded parity only)
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -190,16 +237,31 @@ class DeformableTransformer(DeformableEncoding, nn.Module):
         return self.decoder(content, anchors.sigmoid(), memory.memory, memory.spatial_shapes, memory.valid_ratios,
                             memory.padding_mask, attn_mask)
 
+    def select_queries(self, memory: EncoderMemory) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """Two-stage matching queries: score and refine every encoder proposal with the last pair of the
+        decoder's heads (``decoder.class_embed[-1]``, ``decoder.bbox_embed[-1]``, not used by any decoder
+        layer) and keep the ``num_selected_queries`` best as anchors, without gradient. The content is
+        ``tgt_embed``, the same for every image.
 
-def build_deformable_transformer(args) -> DeformableTransformer:
-    return DeformableTransformer(
-        d_model=args.hidden_dim,
-        nhead=args.nheads,
-        num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers,
-        dim_feedforward=args.dim_feedforward,
-        dropout=args.dropout,
-        num_feature_levels=args.num_feature_levels,
-        dec_n_points=args.dec_n_points,
-        enc_n_points=args.enc_n_points,
-    )
+        Returns content ``[K, D]``, anchor logits ``[B, K, 4]`` and the proposals' predictions for the
+        encoder losses: ``pred_logits [B, S, C]``, ``pred_boxes [B, S, 4]`` (1.0 on invalid tokens).
+        """
+        num_tokens = memory.memory.shape[1]
+        if num_tokens < self.num_selected_queries:
+            raise ValueError(f"--two_stage selects --num_queries {self.num_selected_queries} encoder proposals, but "
+                             f"these images give only {num_tokens} encoder tokens: use larger images or fewer queries")
+        proposal_logits, valid = encoder_proposals(memory)
+        features = self.enc_output_norm(self.enc_output(memory.memory.masked_fill(~valid[..., None], 0.0)))
+        enc_logits = self.decoder.class_embed[-1](features)  # [B, S, C]
+        enc_box_logits = self.decoder.bbox_embed[-1](features) + proposal_logits.to(features.dtype)  # [B, S, 4]
+        # The original ranks the proposals by the logit of class 0, not by their best class.
+        topk = torch.topk(enc_logits[..., 0], self.num_selected_queries, dim=1).indices  # [B, K]
+        anchors = torch.gather(enc_box_logits, 1, topk[..., None].expand(-1, -1, 4)).detach()
+        # A numerically null term that keeps tgt_embed in the graph of the anchors (as the original).
+        anchors = anchors + self.tgt_embed.weight[0, 0] * 0
+        return self.tgt_embed.weight, anchors, {"pred_logits": enc_logits, "pred_boxes": enc_box_logits.sigmoid()}
+
+
+def build_deformable_transformer(args, **options) -> DeformableTransformer:
+    return DeformableTransformer(**transformer_size(args), num_feature_levels=args.num_feature_levels,
+                                 dec_n_points=args.dec_n_points, enc_n_points=args.enc_n_points, **options)

@@ -3,7 +3,8 @@
 A model file subclasses :class:`DNDetector` and supplies
 
 * its submodules, in the order of the released checkpoints (:meth:`DNDetector.register_in_order`);
-* :meth:`DNDetector.matching_queries`: the content and anchors of the matching queries.
+* :meth:`DNDetector.matching_queries`: the content and anchors of the matching queries (and, for a
+  model that selects them from the encoder output, that selection's own predictions).
 
 The base class runs the rest of the forward pass, the same for every variant:
 
@@ -48,6 +49,14 @@ class EncoderMemory(NamedTuple):
     pos: torch.Tensor  # [B, S, D] positional encodings (with level embeddings where the model has them)
     spatial_shapes: List[Tuple[int, int]]  # (H_l, W_l) per level
     valid_ratios: Optional[torch.Tensor]  # [B, num_levels, 2] unpadded fraction (w, h) of each level
+
+
+class MatchingQueries(NamedTuple):
+    """What :meth:`DNDetector.matching_queries` returns (a plain ``(content, anchors)`` pair works too)."""
+
+    content: torch.Tensor  # [Qm, D] shared by every image, or [B, Qm, D]
+    anchors: torch.Tensor  # [Qm, 4] or [B, Qm, 4] anchor logits
+    outputs: Optional[Dict] = None  # added to the model's output dict (e.g. ``enc_outputs``)
 
 
 def class_head(hidden_dim: int, num_classes: int) -> nn.Linear:
@@ -139,7 +148,10 @@ class DNDetector(nn.Module):
     def class_dependent_keys(self) -> List[str]:
         """State-dict keys whose shape follows the number of classes: the class head(s) and the label
         embedding of the denoising queries (what changes when fine-tuning on data with other classes)."""
-        return [key for key in self.state_dict() if key.split(".", 1)[0] in CLASS_DEPENDENT_MODULES]
+        owned = {id(tensor) for name in CLASS_DEPENDENT_MODULES for tensor in getattr(self, name).parameters()}
+        # keep_vars: the parameters themselves, so that a head registered a second time (a two-stage
+        # decoder's copy of the class heads) is recognised under its other name too
+        return [key for key, tensor in self.state_dict(keep_vars=True).items() if id(tensor) in owned]
 
     def randomise_anchor_xy(self) -> None:
         """``--random_refpoints_xy``: anchor centres drawn uniformly in the image. Initialisation only:
@@ -148,9 +160,10 @@ class DNDetector(nn.Module):
             self.refpoint_embed.weight[:, :2].uniform_(0, 1)
             self.refpoint_embed.weight[:, :2] = inverse_sigmoid(self.refpoint_embed.weight[:, :2])
 
-    def matching_queries(self, memory: EncoderMemory) -> Tuple[torch.Tensor, torch.Tensor]:
+    def matching_queries(self, memory: EncoderMemory) -> Union[MatchingQueries, Tuple[torch.Tensor, torch.Tensor]]:
         """Content ``[Qm, D]`` (indicator channel included) and anchor logits ``[Qm, 4]`` of the matching
-        queries, shared by every image of the batch."""
+        queries, shared by every image of the batch (or ``[B, Qm, *]`` per image), and optionally outputs of
+        the model's own to return with the predictions (:class:`MatchingQueries`)."""
         raise NotImplementedError
 
     def feature_levels(self, samples: NestedTensor) -> FeatureLevels:
@@ -188,8 +201,9 @@ class DNDetector(nn.Module):
         ``boxes`` and ``labels`` per image) feed the denoising queries when training with denoising.
 
         Returns ``pred_logits [B, Q, C]``, ``pred_boxes [B, Q, 4]``, ``aux_outputs`` (one dict per earlier
-        decoder layer) and, when training with denoising, ``dn_meta`` (the denoising queries' bookkeeping)
-        and ``dn_outputs`` (their predictions, absent when the batch has no object).
+        decoder layer), the outputs of the query selection where the model has one (``enc_outputs``) and,
+        when training with denoising, ``dn_meta`` (the denoising queries' bookkeeping) and ``dn_outputs``
+        (their predictions, absent when the batch has no object).
         """
         samples = to_nested_tensor(samples)
         dn_config = self.dn_config if self.training else None
@@ -197,14 +211,15 @@ class DNDetector(nn.Module):
             raise ValueError("a model built with --use_dn needs the targets in training mode: model(samples, targets)")
 
         memory = self.transformer.encode(self.feature_levels(samples))
-        content, anchors = self.matching_queries(memory)
-        queries = prepare_for_dn(targets, dn_config, self.label_enc, content, anchors, self.num_classes,
-                                 memory.memory.shape[0])
+        matching = MatchingQueries(*self.matching_queries(memory))
+        queries = prepare_for_dn(targets, dn_config, self.label_enc, matching.content, matching.anchors,
+                                 self.num_classes, memory.memory.shape[0])
         hs, references = self.transformer.decode(queries.content, queries.anchors, queries.attn_mask, memory)
         outputs_class, outputs_coord = self.predict(hs, references)
         outputs_class, outputs_coord, dn_predictions = split_dn_outputs(outputs_class, outputs_coord, queries.dn_meta)
 
         outputs = make_outputs(outputs_class, outputs_coord, self.aux_loss)
+        outputs.update(matching.outputs or {})
         if dn_config is not None:
             outputs["dn_meta"] = queries.dn_meta
             if dn_predictions is not None:

@@ -46,13 +46,17 @@ class DNDABDeformableDETR(DNDetector):
         return content, self.refpoint_embed.weight
 
 
-def build(args, dn_config: Optional[DNConfig]) -> DNDABDeformableDETR:
+def deformable_backbone(args) -> Joiner:
+    """The backbone of the multi-scale deformable models: C3-C5 (or C5 alone with one feature level)."""
     if args.num_feature_levels == 2 or args.num_feature_levels < 1:
         raise ValueError(f"--num_feature_levels must be 1 (C5 only) or >= 3 (C3-C5 plus extra strided levels), "
                          f"got {args.num_feature_levels}")
     return_layers = ["layer4"] if args.num_feature_levels == 1 else ["layer2", "layer3", "layer4"]
-    backbone = build_backbone(args, return_layers=return_layers, deformable=True)
-    return DNDABDeformableDETR(backbone, build_deformable_transformer(args), num_classes=args.num_classes,
-                               num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
-                               aux_loss=args.aux_loss, dn_config=dn_config,
-                               random_refpoints_xy=args.random_refpoints_xy)
+    return build_backbone(args, return_layers=return_layers, deformable=True)
+
+
+def build(args, dn_config: Optional[DNConfig]) -> DNDABDeformableDETR:
+    return DNDABDeformableDETR(deformable_backbone(args), build_deformable_transformer(args),
+                               num_classes=args.num_classes, num_queries=args.num_queries,
+                               num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
+                               dn_config=dn_config, random_refpoints_xy=args.random_refpoints_xy)

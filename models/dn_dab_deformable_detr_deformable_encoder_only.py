@@ -21,7 +21,7 @@ from .deformable_transformer import DeformableEncoding, DeformableTransformerEnc
 from .detector import class_head, multiscale_input_proj
 from .dn_components import DNConfig
 from .dn_dab_detr import DNDABDETR
-from .layers import MLP
+from .layers import MLP, transformer_size
 
 
 class MultiLevelDecoderLayer(TransformerDecoderLayer):
@@ -110,12 +110,9 @@ def build(args, dn_config: Optional[DNConfig]) -> DNDABDeformableEncoderOnlyDETR
         raise ValueError(f"--num_feature_levels must be >= 3 (C3-C5 plus extra strided levels) for "
                          f"{args.modelname}, got {args.num_feature_levels}")
     backbone = build_backbone(args, return_layers=["layer2", "layer3", "layer4"], deformable=False)
-    transformer = EncoderOnlyTransformer(
-        d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,
-        activation=args.transformer_activation, num_feature_levels=args.num_feature_levels,
-        enc_n_points=args.enc_n_points, num_patterns=args.num_patterns,
-    )
+    transformer = EncoderOnlyTransformer(**transformer_size(args), activation=args.transformer_activation,
+                                         num_feature_levels=args.num_feature_levels, enc_n_points=args.enc_n_points,
+                                         num_patterns=args.num_patterns)
     return DNDABDeformableEncoderOnlyDETR(backbone, transformer, num_classes=args.num_classes,
                                           num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
                                           aux_loss=args.aux_loss, dn_config=dn_config)

@@ -1,8 +1,10 @@
 """Small building blocks shared by both transformers."""
 import copy
 
+import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class MLP(nn.Module):
@@ -34,3 +36,26 @@ def build_activation(name: str):
 
 def clone_modules(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
+
+
+def transformer_size(args) -> dict:
+    """The size flags every transformer takes, as its constructor's keyword arguments."""
+    return dict(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
+                num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout)
+
+
+class LayerStack(nn.Module):
+    """Base of encoders and decoders: ``layers`` run one after the other, each optionally under activation
+    checkpointing (``checkpoint_layers``: its activations are recomputed in the backward pass instead of
+    kept, which trades compute for memory and leaves the gradients unchanged)."""
+
+    def __init__(self, layer: nn.Module, num_layers: int):
+        super().__init__()
+        self.num_layers = num_layers
+        self.layers = clone_modules(layer, num_layers)
+        self.checkpoint_layers = False
+
+    def run_layer(self, layer: nn.Module, *inputs):
+        if self.checkpoint_layers and torch.is_grad_enabled():
+            return checkpoint(layer, *inputs, use_reentrant=False)
+        return layer(*inputs)

@@ -7,7 +7,8 @@ criterion's weights and the flag checks all read this table.
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
-from . import dn_dab_deformable_detr, dn_dab_deformable_detr_deformable_encoder_only, dn_dab_detr
+from . import (dn_dab_deformable_detr, dn_dab_deformable_detr_deformable_encoder_only, dn_dab_detr,
+               dn_dab_dino_deformable_detr)
 from .detector import DNDetector
 from .dn_components import DNConfig
 
@@ -44,14 +45,24 @@ class ModelEntry:
     # Flags the model does not read, with the value it uses in their place (None: the flag has no
     # meaning for it). Giving another value than that or the parser default draws a warning.
     ignored_flags: Mapping[str, Any] = field(default_factory=dict)
+    # DNConfig settings of the model's denoising queries besides the flags (e.g. corner noise).
+    dn_options: Mapping[str, Any] = field(default_factory=dict)
+    # Whether the weight dict weighs losses of encoder proposals (``_enc``, models with --two_stage).
+    encoder_losses: bool = False
+
+
+# The DINO-style variant's flags: an error for the other models (the original crashes in training), or
+# ignored by them.
+DINO_ONLY_FLAGS = ("contrastive", "cdn_split_per_image")
+IGNORED_DINO_FLAGS = {"use_mqs": None, "use_lft": None, "num_results": None}
 
 
 MODELS = {
     "dn_dab_detr": ModelEntry(
         build=dn_dab_detr.build,
         description="DN-DAB-DETR: single scale, DAB-DETR transformer, pattern embeddings",
-        unsupported_flags=("two_stage",),
-        ignored_flags={"num_feature_levels": None, "enc_n_points": None, "dec_n_points": None},
+        unsupported_flags=("two_stage",) + DINO_ONLY_FLAGS,
+        ignored_flags={"num_feature_levels": None, "enc_n_points": None, "dec_n_points": None, **IGNORED_DINO_FLAGS},
     ),
     "dn_dab_deformable_detr": ModelEntry(
         build=dn_dab_deformable_detr.build,
@@ -59,16 +70,29 @@ MODELS = {
         matcher_focal_alpha=0.25,
         num_select=100,
         log_xy_hw=False,
-        unsupported_flags=("two_stage", "num_patterns"),
+        unsupported_flags=("two_stage", "num_patterns") + DINO_ONLY_FLAGS,
         ignored_flags={"transformer_activation": "relu", "num_select": 100, "pe_temperatureH": 10000,
-                       "pe_temperatureW": 10000, "pre_norm": None},
+                       "pe_temperatureW": 10000, "pre_norm": None, **IGNORED_DINO_FLAGS},
     ),
     "dn_dab_deformable_detr_deformable_encoder_only": ModelEntry(
         build=dn_dab_deformable_detr_deformable_encoder_only.build,
         description="DN-DAB-Deformable-DETR (deformable encoder only): multi-scale deformable encoder, "
                     "DAB decoder attending to every level densely",
         dn_class_loss_coef=1.0,  # fixed in the original release, whatever --cls_loss_coef says
-        unsupported_flags=("two_stage",),
-        ignored_flags={"pre_norm": None, "dec_n_points": None, "random_refpoints_xy": None},
+        unsupported_flags=("two_stage",) + DINO_ONLY_FLAGS,
+        ignored_flags={"pre_norm": None, "dec_n_points": None, "random_refpoints_xy": None, **IGNORED_DINO_FLAGS},
+    ),
+    "dn_dab_dino_deformable_detr": ModelEntry(
+        build=dn_dab_dino_deformable_detr.build,
+        description="DN-DAB-Deformable-DETR with DINO's contrastive denoising (--contrastive), mixed query "
+                    "selection from encoder proposals (--two_stage) and look-forward-twice (always on)",
+        matcher_focal_alpha=0.25,
+        num_select=FromFlag("num_results"),
+        log_xy_hw=False,
+        ignored_flags={"transformer_activation": "relu", "num_select": None, "pe_temperatureH": 10000,
+                       "pe_temperatureW": 10000, "pre_norm": None, "use_lft": True},
+        # Corner noise, and --scalar >= 100 is a budget of denoising queries rather than a group count.
+        dn_options={"corner_noise": True, "dynamic_groups_from": 100},
+        encoder_losses=True,
     ),
 }

@@ -3,6 +3,7 @@
     python scripts/benchmark.py -m dn_dab_detr
     python scripts/benchmark.py --config configs/dn_dab_deformable_detr_r50.py --amp --out results.json
     python scripts/benchmark.py -m dn_dab_detr --backbone resnet18 --dn on --profile --device cpu
+    python scripts/benchmark.py --config configs/dn_dab_dino_deformable_detr_r50.py  # contrastive DN overhead
 
 The model is built from ``main.py``'s flags (``-m``, ``--config``, ``--backbone``, ``--num_queries`` ...; the
 data and run flags are ignored) with random weights (``--no_pretrained_backbone`` is forced: weights do not
@@ -56,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import autocast, backward, clip_and_step, weighted_loss  # noqa: E402
 from cli import get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
-from models.builder import resolve_num_classes  # noqa: E402
+from models.builder import build_dn_config, resolve_num_classes  # noqa: E402
 from util.benchmarking import PeakMemory, device_name, interleaved_timed_runs_ms, synchronize  # noqa: E402
 from util.config import parse_args  # noqa: E402
 from util.device import resolve_device  # noqa: E402
@@ -253,6 +254,16 @@ def profile_training(step, device: torch.device, steps: int, rows: int, title: s
     return {"steps": steps, "phase_cpu_ms_per_step": phases, "top_ops": top}
 
 
+def dn_query_count(args: argparse.Namespace, num_objects: int) -> int:
+    """Denoising queries per image of a batch whose images have ``num_objects`` objects each (contrastive
+    denoising doubles them; ``--scalar`` can be a query budget for the DINO-style variant)."""
+    dn_args = copy.copy(args)
+    dn_args.use_dn = True
+    config = build_dn_config(dn_args)
+    group_size = num_objects * (2 if config.contrastive else 1)
+    return config.group_count(group_size) * group_size
+
+
 def prepare_setting(args: argparse.Namespace, use_dn: bool, device: torch.device, samples: NestedTensor,
                     targets) -> Tuple[Setup, Callable[[], None], Dict]:
     """Build one denoising setting, count its parameters and FLOPs, warm its training step up and measure
@@ -260,7 +271,7 @@ def prepare_setting(args: argparse.Namespace, use_dn: bool, device: torch.device
     held_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     setup = Setup(args, use_dn, device)
     result = {
-        "model": args.modelname, "use_dn": use_dn, "dn_queries": args.scalar * args.num_objects if use_dn else 0,
+        "model": args.modelname, "use_dn": use_dn, "dn_queries": dn_query_count(args, args.num_objects) if use_dn else 0,
         "params_total": sum(p.numel() for p in setup.model.parameters()),
         "params_trainable": sum(p.numel() for p in setup.model.parameters() if p.requires_grad),
         "gflops_per_image": inference_gflops_per_image(setup.model, samples),

@@ -1,23 +1,31 @@
-"""Time and memory of multi-scale deformable attention (the pure-PyTorch ``grid_sample`` op).
+"""Time and memory of multi-scale deformable attention (the pure-PyTorch op of ``models/ops``).
 
 Four cases at the default ``dn_dab_deformable_detr`` shape (batch 2, an 800x1066 image through a ResNet:
-levels at strides 8/16/32/64, 8 heads x 32 channels, 4 points):
+levels at strides 8/16/32/64, 8 heads x 32 channels, 4 points; ``--image-size`` changes the image):
 
 * ``core/decoder``, ``core/encoder``: ``ms_deform_attn_core`` alone with 300 queries / one query per pixel;
 * ``module/decoder``, ``module/encoder``: the full ``MSDeformAttn`` (projections included), the decoder with
   4-D box references (cross-attention), the encoder with 2-D point references (self-attention, ``Lq = S``).
 
 For each case: median wall time of forward + backward and of forward alone (no grad) over ``--iters`` runs after
-``--warmup`` runs, and the peak memory of one forward + backward: CUDA max-allocated above the allocation before
-the step, or on CPU the process peak-RSS rise (free heap memory is first returned to the OS with glibc's
-``malloc_trim`` and the kernel's high-water mark reset through ``/proc/self/clear_refs`` where available, else
-the lifetime ``ru_maxrss`` is used and the figure is a lower bound). Prints a markdown table; ``--out`` also
-writes the figures as JSON.
+``--warmup`` runs; the bytes the forward saves for the backward (the distinct tensor storages autograd keeps,
+counted with ``torch.autograd.graph.saved_tensors_hooks``: what every layer of a model holds until its backward);
+and the peak memory of one forward + backward: CUDA max-allocated above the allocation before the step, or on
+CPU the process peak-RSS rise (free heap memory is first returned to the OS with glibc's ``malloc_trim`` and the
+kernel's high-water mark reset through ``/proc/self/clear_refs`` where available, else the lifetime
+``ru_maxrss`` is used and the figure is a lower bound).
 
-Usage: ``python scripts/benchmark_msda.py [--device cuda] [--iters 5] [--out msda.json]``
+``--reference`` also runs every case with the previous formulation of the op (one ``F.grid_sample`` per level
+and a weighted sum, kept in ``tests/msda_reference.py``) swapped in, and ``--autocast bfloat16`` also runs each op
+under ``torch.autocast``; the variants take turns run by run, so that load changes on a shared machine hit them
+alike, and the table gives each one's ratio to the current op. Prints a markdown table; ``--out`` also writes
+the figures as JSON.
+
+Usage: ``python scripts/benchmark_msda.py [--device cuda] [--iters 5] [--reference] [--autocast bfloat16]
+[--out msda.json]``
 """
 import argparse
-import functools
+import contextlib
 import gc
 import json
 import statistics
@@ -28,8 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.ops import MSDeformAttn, ms_deform_attn_core  # noqa: E402
-from util.benchmarking import PeakMemory, device_name, timed_runs_ms  # noqa: E402
+import models.ops.ms_deform_attn as msda_module  # noqa: E402
+from models.ops import MSDeformAttn  # noqa: E402
+from util.benchmarking import (PeakMemory, device_name, interleaved_timed_runs_ms, synchronize,  # noqa: E402
+                               timed_runs_ms)
 
 CASES = ("core/decoder", "core/encoder", "module/decoder", "module/encoder")
 
@@ -49,6 +59,11 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--reference", action="store_true",
+                        help="also run the previous per-level grid_sample formulation, interleaved, with ratios")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
+                        help="also run every op under torch.autocast with this dtype, interleaved, with ratios")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args()
 
@@ -86,7 +101,7 @@ def make_case(name: str, args, shapes, device, dtype):
 
         def forward():
             weights = logits.softmax(-1).view(batch, num_queries, heads, num_levels, points)
-            return ms_deform_attn_core(value, shapes, locations, weights)
+            return msda_module.ms_deform_attn_core(value, shapes, locations, weights)
     else:
         module = MSDeformAttn(d_model, num_levels, heads, points).to(device=device, dtype=dtype)
         memory = rand(batch, num_values, d_model).requires_grad_(True)
@@ -122,7 +137,71 @@ def make_case(name: str, args, shapes, device, dtype):
         clear_grads()
         forward().backward(grad_output)
 
-    return step, clear_grads, num_queries, num_values
+    def saved_bytes() -> int:
+        """Bytes of the distinct storages the forward saves for the backward (parameters and inputs included)."""
+        storages = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output = forward()
+        del output
+        return sum(storages.values())
+
+    return step, clear_grads, saved_bytes, num_queries, num_values
+
+
+@contextlib.contextmanager
+def variant_context(variant, device):
+    """Run a variant: ``(op, autocast dtype or None)``; op "reference" swaps the previous formulation
+    (per-level grid_sample, from the tests) in for ``ms_deform_attn_core``."""
+    op, autocast_dtype = variant
+    current = msda_module.ms_deform_attn_core
+    if op == "reference":
+        from tests.msda_reference import grid_sample_msda
+        msda_module.ms_deform_attn_core = grid_sample_msda
+    try:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            yield
+    finally:
+        msda_module.ms_deform_attn_core = current
+
+
+def variant_name(variant) -> str:
+    op, autocast_dtype = variant
+    return op if autocast_dtype is None else f"{op}, autocast {str(autocast_dtype).replace('torch.', '')}"
+
+
+def measure(step, clear_grads, saved_bytes, device, variant) -> dict:
+    with variant_context(variant, device):
+        step(True)  # first-call allocations (allocator caches, thread pools) stay out of the measurement
+        clear_grads()
+        with PeakMemory(device) as peak:
+            step(True)
+        clear_grads()
+        saved = saved_bytes()
+    return {"peak_mib": peak.peak_bytes / 2 ** 20, "peak_exact": peak.exact, "saved_mib": saved / 2 ** 20}
+
+
+def variant_run(step, variant, device, with_backward: bool):
+    def run():
+        with variant_context(variant, device):
+            step(with_backward)
+    return run
+
+
+def median_times(runs, device, warmup: int, iters: int):
+    """Median ms of each function in ``runs``: alone with ``timed_runs_ms``, or taking turns when several."""
+    if len(runs) == 1:
+        return [statistics.median(timed_runs_ms(runs[0], device, warmup, iters))]
+    for run in runs:
+        for _ in range(warmup):
+            run()
+    synchronize(device)
+    return [statistics.median(times) for times in interleaved_timed_runs_ms(runs, device, iters)]
 
 
 def _pixel_centres(height: int, width: int) -> torch.Tensor:
@@ -136,37 +215,64 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     shapes = level_shapes(*args.image_size, args.levels)
+    autocast_dtype = getattr(torch, args.autocast) if args.autocast else None
+    variants = [("current", None)] + ([("reference", None)] if args.reference else [])
+    if autocast_dtype is not None:
+        variants += [(op, autocast_dtype) for op, _ in variants]
 
     results = []
     for name in args.cases:
-        step, clear_grads, num_queries, num_values = make_case(name, args, shapes, device, dtype)
-        step(True)  # first-call allocations (allocator caches, thread pools) stay out of the measurement
-        clear_grads()
-        with PeakMemory(device) as peak:
-            step(True)
-        backward_ms = statistics.median(timed_runs_ms(functools.partial(step, True), device, args.warmup, args.iters))
-        forward_ms = statistics.median(timed_runs_ms(functools.partial(step, False), device, args.warmup, args.iters))
-        results.append({"case": name, "queries": num_queries, "values": num_values, "fwd_bwd_ms": backward_ms,
-                        "fwd_ms": forward_ms, "peak_mib": peak.peak_bytes / 2 ** 20, "peak_exact": peak.exact})
-        del step, clear_grads
+        step, clear_grads, saved_bytes, num_queries, num_values = make_case(name, args, shapes, device, dtype)
+        rows = [{"case": name, "variant": variant_name(variant), "queries": num_queries, "values": num_values,
+                 **measure(step, clear_grads, saved_bytes, device, variant)} for variant in variants]
+
+        for key, with_backward in (("fwd_bwd_ms", True), ("fwd_ms", False)):
+            times = median_times([variant_run(step, variant, device, with_backward) for variant in variants],
+                                 device, args.warmup, args.iters)
+            for row, time_ms in zip(rows, times):
+                row[key] = time_ms
+        results += rows
+        del step, clear_grads, saved_bytes
         gc.collect()
 
     config = {"device": str(device), "device_name": device_name(device), "dtype": args.dtype,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
-              "level_shapes": shapes, "heads": args.heads, "head_dim": args.head_dim, "points": args.points,
-              "iters": args.iters, "warmup": args.warmup}
+              "image_size": list(args.image_size), "level_shapes": shapes, "heads": args.heads,
+              "head_dim": args.head_dim, "points": args.points, "iters": args.iters, "warmup": args.warmup,
+              "variants": [variant_name(variant) for variant in variants]}
     print(f"MSDA benchmark: {config['device_name']}, {args.dtype}, torch {torch.__version__}, "
-          f"{config['threads']} threads, batch {args.batch}, levels {shapes}, {args.heads}x{args.head_dim}, "
-          f"{args.points} points, median of {args.iters} after {args.warmup} warm-up\n")
+          f"{config['threads']} threads, batch {args.batch}, image {args.image_size[0]}x{args.image_size[1]}, "
+          f"levels {shapes}, {args.heads}x{args.head_dim}, {args.points} points, median of {args.iters} after "
+          f"{args.warmup} warm-up" + (", variants taking turns" if len(variants) > 1 else "") + "\n")
     memory_kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS rise"
-    print(f"| case | Lq | S | fwd+bwd (ms) | fwd, no grad (ms) | peak memory, fwd+bwd (MiB, {memory_kind}) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    columns = ["fwd+bwd (ms)", "fwd, no grad (ms)", "saved for backward (MiB)",
+               f"peak memory, fwd+bwd (MiB, {memory_kind})"]
+    keys = ["fwd_bwd_ms", "fwd_ms", "saved_mib", "peak_mib"]
+    with_variants = len(variants) > 1
+    header = ["case"] + (["op"] if with_variants else []) + ["Lq", "S"] + columns
+    print("| " + " | ".join(header) + " |")
+    print("|---|" + ("---|" if with_variants else "") + "---:|---:|" + "---:|" * len(columns))
+    baseline = {}
     for row in results:
-        approx = "" if row["peak_exact"] else " (lower bound)"
-        print(f"| {row['case']} | {row['queries']} | {row['values']} | {row['fwd_bwd_ms']:.1f} | "
-              f"{row['fwd_ms']:.1f} | {row['peak_mib']:.0f}{approx} |")
+        baseline.setdefault(row["case"], row)
+        cells = [row["case"]] + ([row["variant"]] if with_variants else []) + [str(row["queries"]),
+                                                                               str(row["values"])]
+        for key in keys:
+            digits = 0 if key == "peak_mib" else 1
+            cell = f"{row[key]:.{digits}f}"
+            first = baseline[row["case"]]
+            if row is not first and first[key] > 0:
+                cell += f" ({row[key] / first[key]:.2f}x)"
+            if key == "peak_mib" and not row["peak_exact"]:
+                cell += " (lower bound)"
+            cells.append(cell)
+        print("| " + " | ".join(cells) + " |")
+    if with_variants:
+        print(f"\n(ratios: to the {variant_name(variants[0])} op of the same case)")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"config": config, "results": results}, indent=2))

@@ -158,7 +158,7 @@ def render_attention_mask(attn_mask: torch.Tensor, pad_size: int, group_size: in
 
 
 def visualize(example: Example, args: argparse.Namespace) -> DNVisualization:
-    dn_config = DNConfig(args.scalar, args.label_noise_scale, args.box_noise_scale)
+    dn_config = DNConfig.from_args(args)
     queries = build_dn_queries(example.labels, example.boxes, example.num_classes, dn_config, args.num_queries,
                                args.seed)
     meta = queries.dn_meta

@@ -1,7 +1,7 @@
 """Tiny model configurations and inputs shared by the model tests."""
 import torch
 
-from main import get_args_parser
+from cli import get_args_parser
 
 TINY_MODEL_FLAGS = [
     "--no_pretrained_backbone", "--backbone", "resnet18", "--hidden_dim", "64", "--dim_feedforward", "96",
@@ -12,7 +12,7 @@ TINY_FLAGS = TINY_MODEL_FLAGS + ["--num_classes", "11"]
 
 def tiny_args(modelname: str = "dn_dab_detr", *extra: str):
     flags = ["-m", modelname] + TINY_FLAGS + list(extra)
-    if modelname == "dn_dab_deformable_detr":
+    if modelname in ("dn_dab_deformable_detr", "dn_dab_dino_deformable_detr"):
         flags += ["--transformer_activation", "relu"]
     return get_args_parser().parse_args(flags)
 

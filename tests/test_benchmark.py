@@ -1,7 +1,7 @@
 """Smoke test of scripts/benchmark.py: it runs on tiny models and reports complete, positive numbers.
 
 Only that the script works is checked here; the benchmark itself is run by hand, outside the test suite.
-Both models run at once, one CPU thread each.
+The models run at once, one CPU thread each.
 """
 import importlib.util
 import json
@@ -34,7 +34,7 @@ def finish(process: subprocess.Popen) -> str:
     return stdout
 
 
-def check_report(report: dict, modelname: str, stdout: str) -> None:
+def check_report(report: dict, modelname: str, stdout: str, dn_queries: int = 5 * 7) -> None:
     env, settings, results = report["environment"], report["settings"], report["results"]
     assert {"torch", "device_name", "cpu_count", "torch_threads"} <= set(env)
     assert env["torch_threads"] == 1
@@ -56,7 +56,7 @@ def check_report(report: dict, modelname: str, stdout: str) -> None:
     # Denoising adds no weights and does not change inference: only the training step differs.
     assert on["params_total"] == off["params_total"]
     assert on["gflops_per_image"] == off["gflops_per_image"]
-    assert (off["dn_queries"], on["dn_queries"]) == (0, 5 * 7)
+    assert (off["dn_queries"], on["dn_queries"]) == (0, dn_queries)
 
     ratio = report["dn_overhead"]["train_step_ratio"]
     assert ratio == on["train_step_ms"] / off["train_step_ms"] > 0
@@ -73,7 +73,9 @@ def test_benchmark_runs_on_tiny_models(tmp_path):
     detr = start_benchmark(detr_out, "--config", str(ROOT / "configs" / "dn_dab_detr_r50.py"))
     deformable = start_benchmark(deformable_out, "-m", "dn_dab_deformable_detr", "--transformer_activation", "relu",
                                  "--profile", "--profile_steps", "1", "--profile_rows", "5")
-    detr_stdout, deformable_stdout = finish(detr), finish(deformable)
+    dino_out = tmp_path / "dino.json"
+    dino = start_benchmark(dino_out, "--config", str(ROOT / "configs" / "dn_dab_dino_deformable_detr_r50.py"))
+    detr_stdout, deformable_stdout, dino_stdout = finish(detr), finish(deformable), finish(dino)
 
     detr_report = json.loads(detr_out.read_text())
     check_report(detr_report, "dn_dab_detr", detr_stdout)
@@ -89,6 +91,11 @@ def test_benchmark_runs_on_tiny_models(tmp_path):
         assert set(profile["phase_cpu_ms_per_step"]) == {"forward", "criterion", "backward", "optimizer"}
         assert all(ms > 0 for ms in profile["phase_cpu_ms_per_step"].values())
     assert deformable_stdout.count("top 5 ops by self CPU time") == 2
+
+    # The DINO-style variant (contrastive DN, two-stage): a positive and a negative query per object and group.
+    dino_report = json.loads(dino_out.read_text())
+    check_report(dino_report, "dn_dab_dino_deformable_detr", dino_stdout, dn_queries=5 * 2 * 7)
+    assert dino_report["args"]["contrastive"] and dino_report["args"]["two_stage"]
 
 
 def test_benchmark_rejects_bad_settings(capsys):

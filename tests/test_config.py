@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from main import get_args_parser
+from cli import get_args_parser
+from models.registry import MODELS
 from util.config import ConfigError, load_config, parse_args, save_config, validate_config
 
 REPO_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
@@ -107,7 +108,7 @@ def test_bad_values_are_rejected(tmp_path, line, expected):
 @pytest.mark.parametrize("config", REPO_CONFIGS, ids=lambda p: p.name)
 def test_repository_configs_are_valid(config):
     settings = validate_config(load_config(config), get_args_parser(), config)
-    assert settings["modelname"] in ("dn_dab_detr", "dn_dab_deformable_detr")
+    assert settings["modelname"] in MODELS
 
 
 def test_save_config_writes_sorted_indented_json(tmp_path, config_chain):

@@ -1,4 +1,5 @@
 """The denoising module: noise, query placement, attention mask, output split and losses."""
+import argparse
 import itertools
 
 import pytest
@@ -6,8 +7,11 @@ import torch
 from torch import nn
 
 from models.criterion import dn_losses
-from models.dn_components import DNConfig, add_box_noise, add_label_noise, dn_attention_mask, prepare_for_dn, split_dn_outputs
+from models.dn_components import (DNConfig, add_box_noise, add_corner_noise, add_label_noise, dn_attention_mask,
+                                   prepare_for_dn, split_dn_outputs)
+from tests import spec_oracle_dino
 from tests.model_utils import random_targets
+from util.box_ops import box_cxcywh_to_xyxy
 
 D, NUM_CLASSES = 8, 11
 
@@ -214,3 +218,83 @@ def test_invalid_config_is_rejected():
         DNConfig(5, 1.5, 0.4)
     with pytest.raises(ValueError, match="--box_noise_scale"):
         DNConfig(5, 0.2, -1)
+
+
+def contrastive_config(scalar, per_image=False, label_noise=0.0, box_noise=0.0):
+    return DNConfig(scalar, label_noise, box_noise, contrastive=True, negatives_per_image=per_image, corner_noise=True,
+                    dynamic_groups_from=100)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("scalar,counts", [(100, [0, 1, 9]), (100, [9, 0, 1]), (100, [0, 26, 2]), (150, [0, 13]),
+                                           (100, [0, 0]), (3, [2, 0, 1])])
+def test_contrastive_layout_matches_the_dino_oracle(scalar, counts, per_image):
+    """Dynamic groups (--scalar >= 100: groups = scalar // (2 * n_max), at least 1; one empty group for a batch
+    without objects), doubled entries, rows and negatives against the DINO spec oracle's bookkeeping, for
+    batches of very different object counts with empty images."""
+    targets = random_targets(counts)
+    queries, label_enc, content, _ = _prepare(targets, contrastive_config(scalar, per_image))
+    meta = queries.dn_meta
+    cfg = argparse.Namespace(num_classes=NUM_CLASSES, contrastive=True, scalar=scalar, cdn_split_per_image=per_image)
+    dn = spec_oracle_dino.dn_entries(targets, cfg)
+    entries = dn["entries"]
+    assert (meta.group_size, meta.num_groups, meta.pad_size) == (dn["group_size"], dn["num_groups"], dn["pad"])
+    assert meta.batch_idx.tolist() == [e["batch"] for e in entries]
+    assert meta.query_idx.tolist() == [e["row"] for e in entries]
+    assert meta.labels.tolist() == [e["label"] for e in entries]
+    assert meta.negative.tolist() == [e["negative"] for e in entries]
+    assert meta.positive_idx.tolist() == [i for i, e in enumerate(entries) if not e["negative"]]
+    assert meta.num_reconstructed == dn["num_tgt"]
+    # Without noise: negatives are fed as "no object", positives with their label.
+    assert meta.noised_labels.tolist() == [NUM_CLASSES if e["negative"] else e["label"] for e in entries]
+    for b, n in enumerate(counts):  # an image's rows beyond its 2 * n entries of each group stay padding
+        used = {q for i, q in zip(meta.batch_idx.tolist(), meta.query_idx.tolist()) if i == b}
+        padding = [q for q in range(meta.pad_size) if q not in used]
+        assert len(used) == 2 * n * meta.num_groups
+        assert not queries.content[b, padding].any() and not queries.anchors[b, padding].any()
+    assert torch.equal(queries.content[:, meta.pad_size:], content.expand(len(counts), -1, -1))
+
+
+def test_corner_noise_bands_of_positives_and_negatives():
+    torch.manual_seed(0)
+    boxes = torch.cat([torch.rand(4000, 2) * 0.4 + 0.3, torch.rand(4000, 2) * 0.2 + 0.05], dim=1)
+    negative = torch.arange(4000) % 2 == 1
+    scale = 0.4
+    noised = add_corner_noise(boxes, scale, negative)
+    move = (box_cxcywh_to_xyxy(noised) - box_cxcywh_to_xyxy(boxes)).abs() / (boxes[:, 2:].repeat(1, 2) / 2 * scale)
+    eps = 1e-4
+    assert (move[~negative] < 1 + eps).all() and move[~negative].max() > 0.99
+    assert (move[negative] > 1 - eps).all() and (move[negative] < 2 + eps).all() and move[negative].max() > 1.99
+    uniform = add_corner_noise(boxes, scale)  # without negatives: one uniform offset in [-1, 1) per coordinate
+    move = (box_cxcywh_to_xyxy(uniform) - box_cxcywh_to_xyxy(boxes)).abs() / (boxes[:, 2:].repeat(1, 2) / 2 * scale)
+    assert (move < 1 + eps).all() and move.max() > 0.99
+    assert torch.equal(add_corner_noise(boxes, 0.0, negative), boxes)
+
+
+def test_contrastive_losses_classify_negatives_and_reconstruct_positives_only():
+    targets = random_targets([2, 1])
+    queries, *_ = _prepare(targets, contrastive_config(2))
+    meta = queries.dn_meta
+    logits = torch.full((1, 2, meta.pad_size, NUM_CLASSES), -20.0)
+    boxes = torch.full((1, 2, meta.pad_size, 4), 0.5)
+    real = meta.labels < NUM_CLASSES
+    logits[:, meta.batch_idx[real], meta.query_idx[real], meta.labels[real]] = 20.0  # copies: no class at all
+    positive = ~meta.negative
+    boxes[:, meta.batch_idx[positive], meta.query_idx[positive]] = meta.boxes[positive]  # negatives: wrong boxes
+    _, _, predictions = split_dn_outputs(logits, boxes, meta)
+    losses = dn_losses(meta, predictions, 1, 0.25, "cpu")
+    assert losses["tgt_loss_bbox"].item() == pytest.approx(0, abs=1e-6) and losses["tgt_loss_ce"].item() < 1e-6
+    assert losses["tgt_class_error"].item() == 50  # a copy's target "no object" is never an arg-max
+    boxes[:, meta.batch_idx[positive], meta.query_idx[positive]] = 0.5
+    _, _, predictions = split_dn_outputs(logits, boxes, meta)
+    expected = (torch.full_like(meta.boxes, 0.5) - meta.boxes)[positive].abs().sum() / 6  # G * N = 2 * 3
+    assert torch.allclose(dn_losses(meta, predictions, 1, 0.25, "cpu")["tgt_loss_bbox"], expected)
+
+
+def test_contrastive_config_checks():
+    with pytest.raises(ValueError, match="--cdn_split_per_image"):
+        DNConfig(5, 0.2, 0.4, negatives_per_image=True, corner_noise=True)
+    with pytest.raises(ValueError, match="corner"):
+        DNConfig(5, 0.2, 0.4, contrastive=True)
+    assert [DNConfig(100, dynamic_groups_from=100).group_count(p) for p in (0, 7, 50, 101)] == [1, 14, 2, 1]
+    assert [DNConfig(5).group_count(p) for p in (0, 7)] == [5, 5]  # the other models: always --scalar groups

@@ -13,7 +13,7 @@ from PIL import Image
 
 import inference
 from datasets.transforms import make_coco_transforms
-from main import get_args_parser
+from cli import get_args_parser
 from util.checkpoint import checkpoint_state
 from models import build_model
 from tests.model_utils import TINY_MODEL_FLAGS, tiny_args

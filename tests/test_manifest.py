@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from main import get_args_parser
+from cli import get_args_parser
 from models import build_model
+from util.checkpoint import CHECKPOINT_FLAGS
+from util.config import parse_args
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 
 
@@ -34,9 +37,9 @@ def assert_loads_strictly(model, rows):
     """A state dict with exactly the manifest's keys and shapes loads with strict=True, value for value."""
     generator = torch.Generator().manual_seed(0)
     state = {key: torch.randn(shape, generator=generator) for key, shape, _ in rows}
-    # The shared box head is one module under two names: an official checkpoint holds equal copies.
+    # A shared head is one module under two names: an official checkpoint holds equal copies.
     for key in state:
-        if key.startswith("transformer.decoder.bbox_embed."):
+        if key.startswith(("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")):
             state[key] = state[key[len("transformer.decoder."):]]
     model.load_state_dict(state, strict=True)
     loaded = model.state_dict()
@@ -169,3 +172,76 @@ def test_encoder_only_resnet101_adds_layer3_blocks_6_to_22():
     assert [r for r in got if r[0] not in extra] == rows
     assert sum(p.numel() for p in model.parameters()) == 67_428_493
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 67_206_093
+
+
+DINO = "dn_dab_dino_deformable_detr"
+# The manifest's flags (DN-DINO-VARIANT-SPEC.md §0): --use_mqs / --use_lft are accepted and implied.
+DINO_REFERENCE = ["-m", DINO, "--use_dn", "--contrastive", "--use_mqs", "--use_lft", "--two_stage",
+                  "--transformer_activation", "relu"]
+
+
+def test_dn_dab_dino_deformable_detr_r50_matches_manifest_in_order():
+    rows = read_manifest("dn_dab_dino_deformable_detr_r50.tsv")
+    assert len(rows) == 636
+    model = build(*DINO_REFERENCE)
+    assert model_rows(model) == rows
+    assert sum(p.numel() for p in model.parameters()) == 47_650_557
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 47_428_157
+    named = [(name, p.requires_grad) for name, p in model.named_parameters()]
+    trainable = [name for name, grad in named if grad]
+    assert len(named) == 368 and len(trainable) == 357  # the positional layout of the official optimizer state
+    # Shared heads are listed once, under their first path transformer.decoder.* (spec §2.2).
+    expected = [key for key, _, _ in rows if not key.startswith(("backbone.", "class_embed.", "bbox_embed."))]
+    assert [name for name in trainable if not name.startswith("backbone.")] == expected
+    assert trainable[0] == "transformer.level_embed"
+    assert next(n for n in trainable if "backbone" in n) == "backbone.0.body.layer2.0.conv1.weight"
+    assert_loads_strictly(model, rows)
+
+
+def test_dino_reference_config_has_the_manifest_flags():
+    config = parse_args(get_args_parser(), ["--config", str(ROOT / "configs" / "dn_dab_dino_deformable_detr_r50.py")])
+    reference = get_args_parser().parse_args(DINO_REFERENCE)
+    for flag in CHECKPOINT_FLAGS + ("use_dn", "contrastive", "cdn_split_per_image", "scalar"):
+        assert getattr(config, flag) == getattr(reference, flag), flag
+    assert config.epochs == 36
+
+
+@pytest.mark.parametrize("flags", [["--use_dn", "--contrastive"], ["--use_dn", "--contrastive", "--use_mqs", "--use_lft"],
+                                   ["--use_dn"], []])
+def test_dino_without_two_stage_has_the_deformable_state_dict(flags):
+    rows = read_manifest("dn_dab_deformable_detr_r50.tsv")
+    model = build("-m", DINO, "--transformer_activation", "relu", *flags)
+    assert model_rows(model) == rows
+    assert sum(p.numel() for p in model.parameters()) == 47_429_154
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 47_206_754
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 346 and trainable[0] == "transformer.level_embed"
+
+
+def test_dino_three_patterns_add_patterns_embed_after_label_enc():
+    rows = read_manifest("dn_dab_dino_deformable_detr_r50.tsv")
+    insert_at = [key for key, _, _ in rows].index("label_enc.weight") + 1
+    expected = rows[:insert_at] + [("patterns_embed.weight", (3, 256), "float32")] + rows[insert_at:]
+    model = build(*DINO_REFERENCE, "--num_patterns", "3")
+    assert model_rows(model) == expected and len(expected) == 637
+    assert sum(p.numel() for p in model.parameters()) == 47_651_325
+
+
+def test_dino_resnet101_adds_layer3_blocks_6_to_22():
+    rows = read_manifest("dn_dab_dino_deformable_detr_r50.tsv")
+    got = model_rows(build(*DINO_REFERENCE, "--backbone", "resnet101"))
+    extra = [key for key, _, _ in got if key not in {k for k, _, _ in rows}]
+    assert len(got) == 891 and len(extra) == 255
+    assert all(key.startswith("backbone.0.body.layer3.") for key in extra)
+    assert [r for r in got if r[0] not in extra] == rows
+    model = build(*DINO_REFERENCE, "--backbone", "resnet101")
+    assert sum(p.numel() for p in model.parameters()) == 66_590_461
+
+
+def test_dino_head_count_follows_dec_layers():
+    model = build(*DINO_REFERENCE, "--dec_layers", "3")
+    keys = [key for key, _, _ in model_rows(model)]
+    assert len(keys) == 522
+    assert sum(p.numel() for p in model.parameters()) == 42_544_992
+    for head in ("class_embed", "bbox_embed", "transformer.decoder.class_embed", "transformer.decoder.bbox_embed"):
+        assert {k[len(head) + 1:].split(".")[0] for k in keys if k.startswith(head + ".")} == {"0", "1", "2", "3"}

@@ -1,14 +1,17 @@
-"""Forward/backward of tiny models on CPU, with and without denoising, for both architectures."""
+"""Forward/backward of tiny models on CPU, with and without denoising, for every architecture."""
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli import get_args_parser
 from models import build_model
-from tests.model_utils import random_images, random_targets, tiny_args
+from models.builder import adopt_state_dict_flags, flags_from_state_dict
+from tests.model_utils import TINY_MODEL_FLAGS, random_images, random_targets, tiny_args
 
-MODELS = ["dn_dab_detr", "dn_dab_deformable_detr"]
+MODELS = ["dn_dab_detr", "dn_dab_deformable_detr", "dn_dab_deformable_detr_deformable_encoder_only",
+          "dn_dab_dino_deformable_detr"]
 SIZES = [(96, 128), (128, 80)]
 
 
@@ -38,7 +41,9 @@ def test_dn_training_step_produces_all_losses_and_gradients(modelname):
         expected |= {f"{k}_{i}" for k in ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error",
                                           "tgt_loss_ce", "tgt_loss_bbox", "tgt_loss_giou", "tgt_class_error")}
     assert expected <= set(losses)
-    assert set(criterion.weight_dict) <= set(losses)
+    # The DINO-style variant weighs encoder-proposal losses (_enc) even when it has none, as the original.
+    unused = {k for k in criterion.weight_dict if k.endswith("_enc")} if "dino" in modelname else set()
+    assert set(criterion.weight_dict) - unused <= set(losses)
     assert torch.isfinite(total)
     assert losses["tgt_loss_bbox"] > 0
     # Denoising content reaches label_enc; the matching anchors and the box head train too.
@@ -123,6 +128,8 @@ def test_unsupported_flags_are_clear_errors():
         build_model(tiny_args("dn_dab_deformable_detr", "--num_feature_levels", "2"))
     with pytest.raises(ValueError, match="--dilation"):
         build_model(tiny_args("dn_dab_detr", "--dilation"))
+    with pytest.raises(ValueError, match="--contrastive"):
+        build_model(tiny_args("dn_dab_deformable_detr", "--use_dn", "--contrastive"))
 
 
 def test_models_never_name_a_device():
@@ -131,3 +138,19 @@ def test_models_never_name_a_device():
                  for i, line in enumerate(path.read_text().splitlines(), 1)
                  if re.search(r"\.cuda\(|[\"']cuda[\"']", line)]
     assert offending == []
+
+
+def test_dino_two_stage_checkpoint_reveals_two_stage_and_its_patterns():
+    """--eval --resume / inference.py of a two-stage DINO-style checkpoint without recorded args: --two_stage
+    from transformer.enc_output.*, --num_patterns from the top-level patterns_embed."""
+    model, _, _ = build_model(tiny_args("dn_dab_dino_deformable_detr", "--two_stage", "--num_patterns", "2"))
+    flags = {flag: value for flag, (value, _) in flags_from_state_dict(model.state_dict()).items()}
+    assert flags == {"num_classes": 11, "num_patterns": 2, "transformer_activation": "relu", "two_stage": True}
+    parser = get_args_parser()
+    args = parser.parse_args(["-m", "dn_dab_dino_deformable_detr", *TINY_MODEL_FLAGS])
+    adopt_state_dict_flags(args, model.state_dict(), parser, "ckpt.pth")
+    assert (args.num_classes, args.num_patterns, args.two_stage) == (11, 2, True)
+    rebuilt, _, _ = build_model(args)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    plain, _, _ = build_model(tiny_args("dn_dab_dino_deformable_detr"))
+    assert flags_from_state_dict(plain.state_dict())["two_stage"][0] is False

@@ -1,10 +1,12 @@
-"""Multi-scale deformable attention: the grid_sample core against a naive loop reference, gradients, module."""
+"""Multi-scale deformable attention: the core against a naive loop reference and against the previous per-level
+grid_sample formulation (values and gradients), gradcheck, low precision, and the module."""
 import math
 
 import pytest
 import torch
 
 from models.ops import MSDeformAttn, ms_deform_attn_core
+from tests.msda_reference import grid_sample_msda
 
 LEVEL_SHAPES = [(3, 5), (1, 4), (4, 1), (2, 3), (1, 1)]
 
@@ -102,6 +104,7 @@ def test_core_gradcheck_on_value_locations_and_weights():
     generator = torch.Generator().manual_seed(3)
     shapes = [(2, 3), (3, 1), (1, 2)]
     value, locations, weights = random_inputs(1, 2, 2, 2, shapes, 2, generator)
+    assert uses_scatter_backward(1, 2, 2, shapes, 2)
     inputs = tuple(t.clone().requires_grad_(True) for t in (value, locations, weights))
     assert torch.autograd.gradcheck(lambda v, loc, w: ms_deform_attn_core(v, shapes, loc, w), inputs,
                                     eps=1e-6, atol=1e-5, rtol=1e-4)
@@ -118,6 +121,111 @@ def test_batched_queries_equal_per_sample_and_per_query_calls():
             one_query = ms_deform_attn_core(value[b:b + 1], LEVEL_SHAPES, locations[b:b + 1, q:q + 1],
                                             weights[b:b + 1, q:q + 1])
             torch.testing.assert_close(batched[b:b + 1, q:q + 1], one_query, rtol=1e-12, atol=1e-12)
+
+
+def uses_scatter_backward(batch, queries, heads, shapes, points):
+    """The value gradient is scattered when there are no more sampling points than rows of the framed value
+    table (every level with a one-pixel zero border, per batch and head), else gathered over sorted points."""
+    num_points = batch * queries * heads * len(shapes) * points
+    return num_points <= batch * heads * sum((h + 2) * (w + 2) for h, w in shapes)
+
+
+def assert_matches_grid_sample(value, shapes, locations, weights, generator, tolerance=1e-12, rtol=0.0):
+    """Output and gradients (value, locations, weights) equal the per-level grid_sample formulation's."""
+    inputs = [tensor.clone().requires_grad_(True) for tensor in (value, locations, weights)]
+    reference_inputs = [tensor.clone().requires_grad_(True) for tensor in (value, locations, weights)]
+    output = ms_deform_attn_core(inputs[0], shapes, inputs[1], inputs[2])
+    expected = grid_sample_msda(reference_inputs[0], shapes, reference_inputs[1], reference_inputs[2])
+    torch.testing.assert_close(output, expected, rtol=rtol, atol=tolerance)
+    grad_output = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+    output.backward(grad_output)
+    expected.backward(grad_output)
+    for name, actual, reference in zip(("value", "locations", "weights"), inputs, reference_inputs):
+        torch.testing.assert_close(actual.grad, reference.grad, rtol=rtol, atol=tolerance, msg=name)
+    assert all(tensor.grad.abs().sum() > 0 for tensor in inputs)
+
+
+@pytest.mark.parametrize("queries", [2, 40])  # value gradient by scatter (few points) / over sorted points
+def test_core_values_and_gradients_equal_grid_sample_formulation(queries):
+    generator = torch.Generator().manual_seed(20)
+    value, locations, weights = random_inputs(2, queries, 3, 4, LEVEL_SHAPES, 2, generator)
+    assert uses_scatter_backward(2, queries, 3, LEVEL_SHAPES, 2) == (queries == 2)
+    assert_matches_grid_sample(value, LEVEL_SHAPES, locations, weights, generator)
+
+
+@pytest.mark.parametrize("queries", [2, 40])
+def test_core_equals_grid_sample_on_borders_pixel_centres_and_outside(queries):
+    """Points exactly on pixel centres and map borders are kinks of the bilinear interpolation: the one-sided
+    location gradient there must be grid_sample's too (the pixel coordinate is rounded as grid_sample does)."""
+    generator = torch.Generator().manual_seed(21)
+    value, locations, weights = random_inputs(2, queries, 3, 4, LEVEL_SHAPES, 2, generator)
+    locations = with_border_points(locations, LEVEL_SHAPES, generator)
+    assert_matches_grid_sample(value, LEVEL_SHAPES, locations, weights, generator)
+
+
+def test_core_equals_grid_sample_on_odd_sizes_single_pixels_and_large_maps():
+    generator = torch.Generator().manual_seed(22)
+    shapes = [(13, 17), (7, 9), (1, 1), (1, 6), (5, 1)]
+    value, locations, weights = random_inputs(1, 30, 2, 3, shapes, 4, generator)
+    assert_matches_grid_sample(value, shapes, locations, weights, generator)
+
+
+def test_core_equals_grid_sample_in_float32():
+    generator = torch.Generator().manual_seed(23)
+    shapes = [(16, 20), (8, 10), (4, 5), (2, 3)]
+    value, locations, weights = random_inputs(2, 50, 4, 8, shapes, 4, generator, dtype=torch.float32)
+    # location gradients are scaled by the map size (up to 20 pixels per unit here): float32 rounding of ~1e-5
+    assert_matches_grid_sample(value, shapes, locations, weights, generator, tolerance=1e-4, rtol=1e-5)
+
+
+def test_non_finite_locations_give_nan_like_grid_sample_and_far_points_give_zero():
+    value = torch.randn(1, 6, 1, 2, dtype=torch.float64)
+    nan, inf = float("nan"), float("inf")
+    locations = torch.tensor([[nan, 0.5], [inf, 0.2], [1e30, 0.4], [-1e30, 0.5]], dtype=torch.float64)
+    locations = locations.view(1, 4, 1, 1, 1, 2)
+    weights = torch.ones(1, 4, 1, 1, 1, dtype=torch.float64)
+    output = ms_deform_attn_core(value, [(2, 3)], locations, weights)
+    expected = grid_sample_msda(value, [(2, 3)], locations, weights)
+    assert output[0, :2].isnan().all() and expected[0, :2].isnan().all()
+    assert output[0, 2:].eq(0).all() and expected[0, 2:].eq(0).all()
+
+
+def test_core_gradcheck_with_the_sorted_points_value_gradient():
+    generator = torch.Generator().manual_seed(24)
+    shapes = [(1, 2), (2, 1)]
+    value, locations, weights = random_inputs(1, 8, 1, 2, shapes, 2, generator)
+    assert not uses_scatter_backward(1, 8, 1, shapes, 2)
+    inputs = tuple(t.clone().requires_grad_(True) for t in (value, locations, weights))
+    assert torch.autograd.gradcheck(lambda v, loc, w: ms_deform_attn_core(v, shapes, loc, w), inputs,
+                                    eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_core_under_bfloat16_autocast_gathers_in_bfloat16_within_a_few_ulps_of_float32():
+    """Under bfloat16 autocast the values are gathered and summed in bfloat16 (positions and gradients stay in
+    float32): output and gradients within 1% of the largest magnitude of the float32 op on the same inputs
+    (bfloat16 keeps 8 significant bits: one rounding is up to 0.4%)."""
+    generator = torch.Generator().manual_seed(26)
+    shapes = [(24, 30), (12, 15), (6, 8), (3, 4)]
+    value, locations, weights = random_inputs(2, 60, 4, 16, shapes, 4, generator, dtype=torch.float32)
+    value = value.bfloat16().float()  # the values as a bfloat16 projection would produce them
+    weights = torch.randn(weights.shape, generator=generator).flatten(-2).softmax(-1).view(weights.shape)
+    grad_output = torch.randn(2, 60, 64, generator=generator)
+
+    def run(autocast: bool):
+        inputs = [tensor.clone().requires_grad_(True) for tensor in (value, locations, weights)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = ms_deform_attn_core(inputs[0], shapes, inputs[1], inputs[2])
+        output.float().backward(grad_output)
+        return output, [tensor.grad for tensor in inputs]
+
+    full, full_grads = run(False)
+    low, low_grads = run(True)
+    assert full.dtype == torch.float32 and low.dtype == torch.bfloat16
+    assert all(grad.dtype == torch.float32 for grad in low_grads)
+    for name, actual, expected in [("output", low, full)] + list(zip(("value", "locations", "weights"),
+                                                                     low_grads, full_grads)):
+        error = (actual.float() - expected).abs().max() / expected.abs().max()
+        assert 0 < error < 1e-2, f"{name}: bfloat16 error {error:.2e} of the largest magnitude"
 
 
 def test_core_rejects_inconsistent_shapes():
@@ -309,3 +417,44 @@ def test_module_shape_errors_are_explicit():
         module(query, torch.rand(1, 3, 2, 2), memory, shapes, None, torch.zeros(1, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="sum to"):
         module(query, torch.rand(1, 3, 2, 2), memory[:, :6], shapes, None, None)
+
+
+@pytest.mark.parametrize("reference_kind", ["points", "boxes"])
+def test_module_with_padding_equals_the_grid_sample_formulation(monkeypatch, reference_kind):
+    """The whole module (projections, padding mask, both kinds of references), values and every gradient."""
+    import models.ops.ms_deform_attn as msda_module
+
+    generator = torch.Generator().manual_seed(25)
+    shapes = [(5, 7), (3, 4), (2, 2), (1, 1)]
+    module = randomise(MSDeformAttn(d_model=8, n_levels=4, n_heads=2, n_points=3).double(), generator)
+    query, memory, points = small_module_inputs(module, shapes, 2, 9, generator)
+    references = points if reference_kind == "points" else torch.cat(
+        [points, torch.rand(2, 9, 4, 2, generator=generator, dtype=torch.float64) * 0.5], -1)
+    padding = torch.zeros(2, memory.shape[1], dtype=torch.bool)
+    padding[1, 20:35] = True  # the right part of the first level of the second image, as after batching
+
+    def run():
+        module.zero_grad()
+        inputs = [query.clone().requires_grad_(True), memory.clone().requires_grad_(True)]
+        output = module(inputs[0], references, inputs[1], shapes, level_start_index(shapes), padding)
+        output.backward(torch.ones_like(output))
+        return [output] + [tensor.grad for tensor in inputs] + [p.grad.clone() for p in module.parameters()]
+
+    current = run()
+    monkeypatch.setattr(msda_module, "ms_deform_attn_core", grid_sample_msda)
+    reference = run()
+    for actual, expected in zip(current, reference):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+
+
+def test_custom_op_registration_passes_opcheck():
+    """Schema, fake (meta) implementation and autograd link of the op torch.compile sees."""
+    from models.ops.ms_deform_attn import _msda_gather
+
+    generator = torch.Generator().manual_seed(27)
+    shapes = [(2, 3), (1, 2)]
+    value, locations, weights = random_inputs(2, 5, 2, 3, shapes, 2, generator)
+    arguments = (value.requires_grad_(True), locations.requires_grad_(True), weights.requires_grad_(True),
+                 [2, 3, 1, 2])
+    results = torch.library.opcheck(_msda_gather, arguments)
+    assert set(results.values()) == {"SUCCESS"}, results

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import weighted_loss
-from main import get_args_parser
+from cli import get_args_parser
 from tests import spec_oracle as oracle
 from tests.oracle_utils import (assert_close, check_detections, check_dn_meta, check_eval_mode_losses, check_gradients,
                                 check_noise_rng_order, check_outputs, run_against_oracle, tol)

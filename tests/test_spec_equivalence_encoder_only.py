@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from engine import weighted_loss
-from main import get_args_parser
+from cli import get_args_parser
 from models import build_model
 from tests import spec_oracle, spec_oracle_encoder_only as oracle
 from tests.oracle_utils import (assert_close, check_detections, check_dn_meta, check_eval_mode_losses,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import inference
 from engine import NonFiniteLossError, train_one_epoch
 from models import build_model
 from tests.model_utils import random_targets, tiny_args, tiny_main_flags
@@ -206,3 +207,32 @@ def test_demo_config_trains_and_evaluates(synthetic_coco, tmp_path):
     (line,) = read_log(out)
     assert len(line["test_coco_eval_bbox"]) == 12 and "train_tgt_loss_bbox" in line
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0
+
+
+def test_dino_variant_trains_then_eval_resume_and_inference_reproduce_it(synthetic_coco, tmp_path):
+    """-m dn_dab_dino_deformable_detr with the reference flags (contrastive DN, two-stage mixed query selection,
+    look-forward-twice): one short epoch; --eval --resume (network flags from the checkpoint) gives the logged
+    AP and the _enc losses; inference.py runs on the checkpoint."""
+    out = tmp_path / "run"
+    dino = ["-m", "dn_dab_dino_deformable_detr", "--contrastive", "--two_stage", "--use_mqs", "--use_lft",
+            "--transformer_activation", "relu", "--scalar", "100"]
+    run_main(*tiny_main_flags(synthetic_coco, out, *dino, "--epochs", "1"))
+    (line,) = read_log(out)
+    assert {"train_loss_ce_enc", "train_tgt_loss_bbox", "test_loss_bbox_enc"} <= set(line)
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
+    assert checkpoint["args"]["two_stage"] and "transformer.tgt_embed.weight" in checkpoint["model"]
+
+    eval_dir = tmp_path / "eval"
+    run_main("--coco_path", str(synthetic_coco), "--output_dir", str(eval_dir), "--eval", "--resume",
+             str(out / "checkpoint.pth"), "--val_scale", "96", "--max_size", "128", "--batch_size", "2",
+             "--num_workers", "0", "--device", "cpu")
+    evaluated = read_log(eval_dir)[-1]
+    assert evaluated["test_coco_eval_bbox"] == pytest.approx(line["test_coco_eval_bbox"], abs=1e-9)
+    assert evaluated["test_loss_ce_enc"] == pytest.approx(line["test_loss_ce_enc"], rel=1e-5)
+
+    image = sorted((synthetic_coco / "val2017").glob("*.jpg"))[0]
+    assert inference.main(["--resume", str(out / "checkpoint.pth"), "--images", str(image), "--output_dir",
+                           str(tmp_path / "detections"), "--threshold", "0", "--val_scale", "96", "--max_size", "128",
+                           "--device", "cpu"]) == 0
+    detections = json.loads((tmp_path / "detections" / "detections.json").read_text())
+    assert len(detections) == 12 * 12  # untrained enough: all of min(--num_results 300, K * C) scores > 0

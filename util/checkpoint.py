@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from util.optim import use_adamw_impl
+
 # Classes a legitimate DN-DETR checkpoint may contain beyond what weights_only allows by default.
 CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
 
@@ -186,7 +188,7 @@ CHECKPOINT_FLAGS = (
     "modelname", "num_classes", "backbone", "dilation", "batch_norm_type", "position_embedding", "pe_temperatureH",
     "pe_temperatureW", "enc_layers", "dec_layers", "dim_feedforward", "hidden_dim", "nheads", "num_queries",
     "pre_norm", "transformer_activation", "num_patterns", "num_feature_levels", "enc_n_points", "dec_n_points",
-    "val_scale", "max_size",
+    "two_stage", "num_results", "val_scale", "max_size",
 )
 
 
@@ -287,6 +289,7 @@ def restore_checkpoint(checkpoint: dict, args: argparse.Namespace, model, optimi
     if args.eval or not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
         return
     optimizer.load_state_dict(checkpoint["optimizer"])
+    use_adamw_impl(optimizer, args.adamw_impl)
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
