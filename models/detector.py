@@ -148,7 +148,10 @@ class DNDetector(nn.Module):
     def class_dependent_keys(self) -> List[str]:
         """State-dict keys whose shape follows the number of classes: the class head(s) and the label
         embedding of the denoising queries (what changes when fine-tuning on data with other classes)."""
-        return [key for key in self.state_dict() if key.split(".", 1)[0] in CLASS_DEPENDENT_MODULES]
+        owned = {id(tensor) for name in CLASS_DEPENDENT_MODULES for tensor in getattr(self, name).parameters()}
+        # keep_vars: the parameters themselves, so that a head registered a second time (a two-stage
+        # decoder's copy of the class heads) is recognised under its other name too
+        return [key for key, tensor in self.state_dict(keep_vars=True).items() if id(tensor) in owned]
 
     def randomise_anchor_xy(self) -> None:
         """``--random_refpoints_xy``: anchor centres drawn uniformly in the image. Initialisation only:

@@ -13,6 +13,8 @@ from tests.model_utils import tiny_args, tiny_main_flags
 from tests.test_training import read_log
 from util.checkpoint import CheckpointError, load_pretrained_weights, save_checkpoint
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_KEYS = {"class_embed.weight", "class_embed.bias", "label_enc.weight"}
 

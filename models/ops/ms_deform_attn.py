@@ -284,6 +284,32 @@ def _transposed_gather(grad_rows: torch.Tensor, base: torch.Tensor, fraction: to
     return grad_table
 
 
+def grid_sample_msda(value: torch.Tensor, spatial_shapes: SpatialShapes, sampling_locations: torch.Tensor,
+                     attention_weights: torch.Tensor) -> torch.Tensor:
+    """Same arguments and result as :func:`ms_deform_attn_core`, computed level by level with ``F.grid_sample``
+    (bilinear, zero padding, ``align_corners=False``): slower, but made of standard operators only (what an
+    exported graph uses) and differentiable by autograd (a reference for the custom op's gradients)."""
+    batch, num_values, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    shapes = spatial_shapes_as_list(spatial_shapes)
+    compute_dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
+    # [B, S, h, d] -> [B*h, d, S], then per-level views [B*h, d, H_l, W_l]
+    value_per_head = value.to(compute_dtype).permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, num_values)
+    value_levels = value_per_head.split([height * width for height, width in shapes], dim=-1)
+    # grid_sample's grid lives in [-1, 1]: [B, Lq, h, L, P, 2] -> [B*h, Lq, L, P, 2]
+    grids = (2 * sampling_locations.to(compute_dtype) - 1).transpose(1, 2).flatten(0, 1)
+    weights = attention_weights.to(compute_dtype).transpose(1, 2).reshape(
+        batch * num_heads, 1, num_queries, num_levels, num_points)
+    output = None
+    for level, (height, width) in enumerate(shapes):
+        level_value = value_levels[level].view(batch * num_heads, head_dim, height, width)
+        samples = F.grid_sample(level_value, grids[:, :, level], mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # [B*h, d, Lq, P]
+        weighted = (samples * weights[..., level, :]).sum(-1)  # [B*h, d, Lq]
+        output = weighted if output is None else output + weighted
+    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
+
+
 def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: SpatialShapes, sampling_locations: torch.Tensor,
                         attention_weights: torch.Tensor) -> torch.Tensor:
     """Bilinearly sample every level at the given locations and sum with the attention weights.
@@ -314,6 +340,10 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: SpatialShapes, samp
     if sum(level_sizes) != num_values:
         raise ValueError(f"value has S={num_values} positions but spatial_shapes {shapes} sum to {sum(level_sizes)}")
 
+    if torch.compiler.is_exporting():
+        # A graph exported for other runtimes (ONNX) samples with grid_sample, a standard operator, instead
+        # of the custom op; the two compute the same bilinear sampling.
+        return grid_sample_msda(value, shapes, sampling_locations, attention_weights)
     compute_dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
     arguments = (sampling_locations.to(compute_dtype), attention_weights.to(compute_dtype),
                  [size for shape in shapes for size in shape])
