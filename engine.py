@@ -124,7 +124,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             if ema is not None:
                 ema.update(model)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-        if step + 1 >= num_batches:
+        if max_iters is not None and step + 1 >= max_iters:  # --debug: a few iterations only
             break
 
     metric_logger.synchronize_between_processes()
