@@ -22,3 +22,7 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes on a small CPU; skipped unless RUN_SLOW_TESTS=1")
