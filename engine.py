@@ -8,13 +8,15 @@ from typing import Dict, Iterable, Optional
 import torch
 
 from datasets.coco_eval import CocoEvaluator
+from models.matcher import NonFinitePredictionError
 from util.distributed import is_main_process, reduce_dict
 from util.ema import ModelEMA
 from util.metric_logger import MetricLogger, SmoothedValue
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stops before the weights are corrupted."""
+    """The training loss or the predictions became NaN or infinite; the run stops before the weights are
+    (further) corrupted."""
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -68,6 +70,26 @@ def _log_losses(metric_logger: MetricLogger, loss_dict: Dict[str, torch.Tensor],
     return total, scaled, unscaled
 
 
+def last_loss_terms(metric_logger: MetricLogger, step: int) -> str:
+    """The raw loss terms logged at the previous step of the epoch (the last finite one), for error messages."""
+    if step == 0:
+        return "no earlier step in this epoch"
+    suffix = "_unscaled"
+    terms = {k[:-len(suffix)]: round(m.value, 4) for k, m in metric_logger.meters.items() if k.endswith(suffix)}
+    return f"loss terms of step {step - 1}: {terms}"
+
+
+def compute_losses(criterion: torch.nn.Module, outputs, targets, epoch: int, step: int,
+                   metric_logger: MetricLogger) -> Dict[str, torch.Tensor]:
+    """The criterion's loss dict; non-finite predictions, which the matcher finds on its host copy of the
+    costs, raise :class:`NonFiniteLossError` like a non-finite loss does."""
+    try:
+        return criterion(outputs, targets)
+    except NonFinitePredictionError as error:
+        raise NonFiniteLossError(f"predictions are not finite at epoch {epoch}, step {step}: {error}; "
+                                 f"{last_loss_terms(metric_logger, step)}") from error
+
+
 def gradient_sync(model: torch.nn.Module, synchronise: bool):
     """Context of a micro-batch's forward and backward: under DDP, gradients are all-reduced only when
     ``synchronise`` (the last micro-batch before an optimizer step); the others accumulate locally."""
@@ -88,7 +110,11 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     mean; a last, incomplete group steps with what it has. ``ema`` is updated after every optimizer step.
 
     Raises :class:`NonFiniteLossError` naming the epoch, step and loss terms if the loss (averaged
-    over processes, so every process stops together) is not finite.
+    over processes, so every process stops together) is not finite, or if the predictions to be matched
+    are not finite (then with the terms of the previous step). Under DDP the latter is raised by each
+    process whose own predictions are not finite, before the step's collectives; a diverged model has
+    non-finite weights, identical in every process, so all of them raise it, and a launcher like torchrun
+    also ends the remaining processes of a run when one fails.
     """
     model.train()
     criterion.train()
@@ -107,7 +133,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         with gradient_sync(model, last_of_group):
             with autocast(device, amp):
                 outputs = model(samples, targets)
-                loss_dict = criterion(outputs, targets)
+                loss_dict = compute_losses(criterion, outputs, targets, epoch, step, metric_logger)
             losses = weighted_loss(loss_dict, criterion.weight_dict)
 
             total, scaled, unscaled = _log_losses(metric_logger, loss_dict, criterion.weight_dict)

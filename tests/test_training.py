@@ -163,15 +163,40 @@ def test_too_few_classes_for_the_dataset_is_a_clear_error(synthetic_coco, tmp_pa
 
 def test_non_finite_loss_stops_naming_epoch_step_and_terms():
     model, criterion, _ = build_model(tiny_args("dn_dab_detr", "--use_dn"))
+    criterion.weight_dict["loss_ce"] = float("inf")
+    images = nested_tensor_from_tensor_list([torch.randn(3, 64, 80), torch.randn(3, 80, 64)])
+    loader = [(images, random_targets([2, 1]))]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    before = model.input_proj.weight.clone()
+    with pytest.raises(NonFiniteLossError, match=r"loss is inf at epoch 3, step 0.*loss_ce"):
+        train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), epoch=3)
+    assert torch.equal(model.input_proj.weight, before)  # no update was applied
+
+
+def test_non_finite_predictions_stop_before_any_update():
+    model, criterion, _ = build_model(tiny_args("dn_dab_detr", "--use_dn"))
     with torch.no_grad():
         model.class_embed.bias.fill_(float("nan"))
     images = nested_tensor_from_tensor_list([torch.randn(3, 64, 80), torch.randn(3, 80, 64)])
     loader = [(images, random_targets([2, 1]))]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     before = model.input_proj.weight.clone()
-    with pytest.raises(NonFiniteLossError, match=r"epoch 3, step 0.*loss_ce"):
+    with pytest.raises(NonFiniteLossError, match=r"predictions are not finite at epoch 3, step 0: .*no earlier step"):
         train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), epoch=3)
-    assert torch.equal(model.input_proj.weight, before)  # no update was applied
+    assert torch.equal(model.input_proj.weight, before)
+
+
+def test_divergence_stops_at_the_matcher_naming_epoch_step_and_last_terms():
+    """--lr 1e6 makes the predictions NaN after one step: the matcher's check stops the run, with the terms
+    of the last finite step, instead of an assertion in generalized_box_iou."""
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(tiny_args("dn_dab_detr", "--use_dn"))
+    images = nested_tensor_from_tensor_list([torch.randn(3, 64, 80), torch.randn(3, 80, 64)])
+    loader = [(images, random_targets([2, 1], generator=torch.Generator().manual_seed(0)))] * 4
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e6)
+    with pytest.raises(NonFiniteLossError, match=r"not finite at epoch 2, step 1: .*layers \[0, 1, 2\].*"
+                                                 r"loss terms of step 0: .*'loss_giou': \d"):
+        train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), epoch=2, max_norm=0.1)
 
 
 def test_amp_training_step_on_cpu_uses_bfloat16():
