@@ -14,6 +14,21 @@ from util.ema import ModelEMA
 from util.metric_logger import MetricLogger, SmoothedValue
 
 
+# Meters of the progress lines and of the "Averaged stats" line: the weighted total loss, the final decoder
+# layer's main terms and their denoising counterparts. The returned stats (log.txt, TensorBoard) have every meter.
+TRAIN_PROGRESS_METERS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "tgt_loss_ce", "tgt_loss_bbox", "tgt_loss_giou",
+                         "lr")
+EVAL_PROGRESS_METERS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error")
+
+
+def progress_logger() -> MetricLogger:
+    """A metric logger whose progress lines show the smoothed (median) value of each loss term, and also the
+    epoch average of the total ``loss``."""
+    metric_logger = MetricLogger(delimiter="  ", meter_fmt="{median:.4f}")
+    metric_logger.add_meter("loss", SmoothedValue(fmt="{median:.4f} ({global_avg:.4f})"))
+    return metric_logger
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss or the predictions became NaN or infinite; the run stops before the weights are
     (further) corrupted."""
@@ -118,13 +133,14 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     """
     model.train()
     criterion.train()
-    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger = progress_logger()
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     header = f"Epoch: [{epoch}]"
     num_batches = len(data_loader) if max_iters is None else min(len(data_loader), max_iters)
     optimizer_steps = 0
-    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header, logger=logger)):
+    progress = metric_logger.log_every(data_loader, print_freq, header, logger=logger, meters=TRAIN_PROGRESS_METERS)
+    for step, (samples, targets) in enumerate(progress):
         group_start = step - step % accumulation_steps
         group_size = min(accumulation_steps, num_batches - group_start)
         last_of_group = step == group_start + group_size - 1
@@ -155,7 +171,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
     metric_logger.synchronize_between_processes()
     if logger is not None:
-        logger.info(f"Averaged stats: {metric_logger}")
+        logger.info(f"Averaged stats: {metric_logger.format_averages(TRAIN_PROGRESS_METERS)}")
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["optimizer_steps"] = optimizer_steps
     return stats
@@ -169,10 +185,11 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     COCO numbers. With ``results_file`` the detections are written there as a COCO results JSON."""
     model.eval()
     criterion.eval()
-    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger = progress_logger()
     metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
-    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, "Test:", logger=logger)):
+    progress = metric_logger.log_every(data_loader, print_freq, "Test:", logger=logger, meters=EVAL_PROGRESS_METERS)
+    for step, (samples, targets) in enumerate(progress):
         samples = samples.to(device, non_blocking=True)
         targets = move_targets(targets, device)
         with autocast(device, amp):
@@ -187,7 +204,7 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
 
     metric_logger.synchronize_between_processes()
     if logger is not None:
-        logger.info(f"Averaged stats: {metric_logger}")
+        logger.info(f"Averaged stats: {metric_logger.format_averages(EVAL_PROGRESS_METERS)}")
     coco_evaluator.synchronize_between_processes()
     coco_evaluator.accumulate()
     coco_evaluator.summarize()

@@ -1,6 +1,7 @@
 """main.py end to end on a tiny synthetic set: training, crash + resume, evaluation, configs, safety."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,6 +103,25 @@ def test_kill_while_saving_never_leaves_a_broken_checkpoint(synthetic_coco, tmp_
     run_main(*flags, *resume)
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
     assert read_log(out)[-1]["epoch"] == 1
+
+
+def test_console_lines_are_short_and_log_txt_keeps_every_term(synthetic_coco, tmp_path):
+    out = tmp_path / "run"
+    console = run_main(*tiny_main_flags(synthetic_coco, out, "--epochs", "1")).stdout.splitlines()
+    steps = [line for line in console if re.search(r"Epoch: \[0\]\s+\[\d/4\]", line)]
+    tests = [line for line in console if re.search(r"Test:\s+\[\d/3\]", line)]
+    averages = [line for line in console if "Averaged stats" in line]
+    assert len(steps) == 2 and len(tests) == 2 and len(averages) == 2, console
+    for line in steps + tests + averages:
+        assert len(line) < 300, line
+    for line in steps:
+        assert re.search(r"eta: \S+  loss: \S+ \(\S+\)  loss_ce: \S+  loss_bbox: \S+  loss_giou: \S+  "
+                         r"tgt_loss_ce: \S+  tgt_loss_bbox: \S+  tgt_loss_giou: \S+  lr: \S+  time: .*max rss: \d+ MiB$",
+                         line), line
+    assert "tgt_loss_giou:" in averages[0] and "loss_giou:" in averages[1] and "_unscaled" not in averages[0]
+    (record,) = read_log(out)
+    assert {"train_loss_ce_unscaled", "train_loss_bbox_0", "train_tgt_loss_giou_1", "train_cardinality_error_unscaled",
+            "test_loss_giou_unscaled", "test_class_error"} <= set(record)
 
 
 def test_eval_resume_reproduces_the_logged_ap_and_config_overrides(synthetic_coco, tmp_path):
