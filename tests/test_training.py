@@ -116,7 +116,7 @@ def test_console_lines_are_short_and_log_txt_keeps_every_term(synthetic_coco, tm
         assert len(line) < 300, line
     for line in steps:
         assert re.search(r"eta: \S+  loss: \S+ \(\S+\)  loss_ce: \S+  loss_bbox: \S+  loss_giou: \S+  "
-                         r"tgt_loss_ce: \S+  tgt_loss_bbox: \S+  tgt_loss_giou: \S+  lr: \S+  time: .*max rss: \d+ MiB$",
+                         r"tgt_loss_ce: \S+  tgt_loss_bbox: \S+  tgt_loss_giou: \S+  lr: \S+  time: .*max rss: \d+ MiB",
                          line), line
     assert "tgt_loss_giou:" in averages[0] and "loss_giou:" in averages[1] and "_unscaled" not in averages[0]
     (record,) = read_log(out)
