@@ -2,11 +2,22 @@
 official flag names) and the checks of flags against the chosen model."""
 import argparse
 import logging
+import os
 
 from models.registry import MODELS
 from util.optim import ADAMW_IMPLEMENTATIONS
 
 COCO_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_num_workers() -> int:
+    """Data loader workers per training process: the CPUs this process may run on, shared by the training
+    processes of the node (``LOCAL_WORLD_SIZE``, set by torchrun), less one for the process itself, at most
+    :data:`MAX_DEFAULT_WORKERS`."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -131,7 +142,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="short-side sizes before the random crop")
     parser.add_argument("--crop_size", type=int, nargs=2, default=[384, 600], metavar=("MIN", "MAX"),
                         help="random crop side range")
-    parser.add_argument("--num_workers", type=int, default=10)
+    parser.add_argument("--num_workers", type=int, default=default_num_workers(),
+                        help="data loader worker processes per training process (0: load in the training process); "
+                             f"default: the CPUs available to the process divided by the processes per node "
+                             f"(LOCAL_WORLD_SIZE under torchrun), minus one, at most {MAX_DEFAULT_WORKERS}: "
+                             "%(default)s here")
 
     # run
     parser.add_argument("--output_dir", default="", help="where to save logs and checkpoints")

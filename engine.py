@@ -8,13 +8,30 @@ from typing import Dict, Iterable, Optional
 import torch
 
 from datasets.coco_eval import CocoEvaluator
+from models.matcher import NonFinitePredictionError
 from util.distributed import is_main_process, reduce_dict
 from util.ema import ModelEMA
 from util.metric_logger import MetricLogger, SmoothedValue
 
 
+# Meters of the progress lines and of the "Averaged stats" line: the weighted total loss, the final decoder
+# layer's main terms and their denoising counterparts. The returned stats (log.txt, TensorBoard) have every meter.
+TRAIN_PROGRESS_METERS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "tgt_loss_ce", "tgt_loss_bbox", "tgt_loss_giou",
+                         "lr")
+EVAL_PROGRESS_METERS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error")
+
+
+def progress_logger() -> MetricLogger:
+    """A metric logger whose progress lines show the smoothed (median) value of each loss term, and also the
+    epoch average of the total ``loss``."""
+    metric_logger = MetricLogger(delimiter="  ", meter_fmt="{median:.4f}")
+    metric_logger.add_meter("loss", SmoothedValue(fmt="{median:.4f} ({global_avg:.4f})"))
+    return metric_logger
+
+
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stops before the weights are corrupted."""
+    """The training loss or the predictions became NaN or infinite; the run stops before the weights are
+    (further) corrupted."""
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -68,6 +85,26 @@ def _log_losses(metric_logger: MetricLogger, loss_dict: Dict[str, torch.Tensor],
     return total, scaled, unscaled
 
 
+def last_loss_terms(metric_logger: MetricLogger, step: int) -> str:
+    """The raw loss terms logged at the previous step of the epoch (the last finite one), for error messages."""
+    if step == 0:
+        return "no earlier step in this epoch"
+    suffix = "_unscaled"
+    terms = {k[:-len(suffix)]: round(m.value, 4) for k, m in metric_logger.meters.items() if k.endswith(suffix)}
+    return f"loss terms of step {step - 1}: {terms}"
+
+
+def compute_losses(criterion: torch.nn.Module, outputs, targets, epoch: int, step: int,
+                   metric_logger: MetricLogger) -> Dict[str, torch.Tensor]:
+    """The criterion's loss dict; non-finite predictions, which the matcher finds on its host copy of the
+    costs, raise :class:`NonFiniteLossError` like a non-finite loss does."""
+    try:
+        return criterion(outputs, targets)
+    except NonFinitePredictionError as error:
+        raise NonFiniteLossError(f"predictions are not finite at epoch {epoch}, step {step}: {error}; "
+                                 f"{last_loss_terms(metric_logger, step)}") from error
+
+
 def gradient_sync(model: torch.nn.Module, synchronise: bool):
     """Context of a micro-batch's forward and backward: under DDP, gradients are all-reduced only when
     ``synchronise`` (the last micro-batch before an optimizer step); the others accumulate locally."""
@@ -88,17 +125,22 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     mean; a last, incomplete group steps with what it has. ``ema`` is updated after every optimizer step.
 
     Raises :class:`NonFiniteLossError` naming the epoch, step and loss terms if the loss (averaged
-    over processes, so every process stops together) is not finite.
+    over processes, so every process stops together) is not finite, or if the predictions to be matched
+    are not finite (then with the terms of the previous step). Under DDP the latter is raised by each
+    process whose own predictions are not finite, before the step's collectives; a diverged model has
+    non-finite weights, identical in every process, so all of them raise it, and a launcher like torchrun
+    also ends the remaining processes of a run when one fails.
     """
     model.train()
     criterion.train()
-    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger = progress_logger()
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     header = f"Epoch: [{epoch}]"
     num_batches = len(data_loader) if max_iters is None else min(len(data_loader), max_iters)
     optimizer_steps = 0
-    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header, logger=logger)):
+    progress = metric_logger.log_every(data_loader, print_freq, header, logger=logger, meters=TRAIN_PROGRESS_METERS)
+    for step, (samples, targets) in enumerate(progress):
         group_start = step - step % accumulation_steps
         group_size = min(accumulation_steps, num_batches - group_start)
         last_of_group = step == group_start + group_size - 1
@@ -107,7 +149,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         with gradient_sync(model, last_of_group):
             with autocast(device, amp):
                 outputs = model(samples, targets)
-                loss_dict = criterion(outputs, targets)
+                loss_dict = compute_losses(criterion, outputs, targets, epoch, step, metric_logger)
             losses = weighted_loss(loss_dict, criterion.weight_dict)
 
             total, scaled, unscaled = _log_losses(metric_logger, loss_dict, criterion.weight_dict)
@@ -129,7 +171,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
     metric_logger.synchronize_between_processes()
     if logger is not None:
-        logger.info(f"Averaged stats: {metric_logger}")
+        logger.info(f"Averaged stats: {metric_logger.format_averages(TRAIN_PROGRESS_METERS)}")
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["optimizer_steps"] = optimizer_steps
     return stats
@@ -143,10 +185,11 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     COCO numbers. With ``results_file`` the detections are written there as a COCO results JSON."""
     model.eval()
     criterion.eval()
-    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger = progress_logger()
     metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     coco_evaluator = CocoEvaluator(base_ds, ("bbox",))
-    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, "Test:", logger=logger)):
+    progress = metric_logger.log_every(data_loader, print_freq, "Test:", logger=logger, meters=EVAL_PROGRESS_METERS)
+    for step, (samples, targets) in enumerate(progress):
         samples = samples.to(device, non_blocking=True)
         targets = move_targets(targets, device)
         with autocast(device, amp):
@@ -161,7 +204,7 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
 
     metric_logger.synchronize_between_processes()
     if logger is not None:
-        logger.info(f"Averaged stats: {metric_logger}")
+        logger.info(f"Averaged stats: {metric_logger.format_averages(EVAL_PROGRESS_METERS)}")
     coco_evaluator.synchronize_between_processes()
     coco_evaluator.accumulate()
     coco_evaluator.summarize()

@@ -11,6 +11,12 @@ Boxes partly outside their image are clipped and empty boxes (zero or negative w
 outside) dropped, as the original release does per image; one :class:`AnnotationRepairWarning` per dataset
 counts them. An image that cannot be decoded raises :class:`ImageLoadError` naming the file and image id
 (the original release silently substituted another image).
+
+An image whose file is not of the ``width``/``height`` the annotation file gives it draws an
+:class:`ImageSizeWarning` (boxes are in the annotation file's pixels, so its annotations may be wrong):
+the headers of the first :data:`SIZE_CHECK_LIMIT` images (all of a small set) are read at construction,
+and one warning counts their mismatches; a later image is checked when it is loaded, for free, and its
+first mismatch warns once per process (each data loader worker is one).
 """
 import contextlib
 import io
@@ -20,7 +26,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,10 +35,15 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 MAX_EXAMPLES = 5  # offending entries quoted in an error or warning
+SIZE_CHECK_LIMIT = 2000  # images whose file header is read at construction (under a second on a local disk)
 
 
 class AnnotationRepairWarning(UserWarning):
     """Some boxes of an annotation file are clipped to their image or dropped as empty."""
+
+
+class ImageSizeWarning(UserWarning):
+    """Image files whose size differs from the width/height of the annotation file."""
 
 
 class ImageLoadError(RuntimeError):
@@ -159,6 +170,44 @@ def _check_images_present(img_folder: Path, coco: COCO, ann_file: Path) -> None:
                                 f"from {img_folder}: {examples}")
 
 
+def annotated_size(image_info: dict) -> Optional[Tuple[int, int]]:
+    """``(width, height)`` of an ``images`` entry, None when the annotation file does not give both."""
+    if "width" in image_info and "height" in image_info:
+        return image_info["width"], image_info["height"]
+    return None
+
+
+def header_size(path: Path) -> Optional[Tuple[int, int]]:
+    """``(width, height)`` from the image file's header (PIL decodes no pixels here); None if unreadable,
+    which loading the image reports."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        return None
+
+
+def size_mismatch_text(image_id: int, file_size: Tuple[int, int], json_size: Tuple[int, int]) -> str:
+    return f"image id {image_id}: file {file_size[0]}x{file_size[1]}, annotated {json_size[0]}x{json_size[1]}"
+
+
+def _warn_size_mismatches(img_folder: Path, coco: COCO, image_ids: Sequence[int], ann_file: Path) -> None:
+    """One :class:`ImageSizeWarning` counting the images of ``image_ids`` whose file size is not the annotated one."""
+    mismatches = []
+    for image_id in image_ids:
+        info = coco.imgs[image_id]
+        json_size = annotated_size(info)
+        file_size = header_size(img_folder / info["file_name"]) if json_size is not None else None
+        if file_size is not None and file_size != json_size:
+            mismatches.append(size_mismatch_text(image_id, file_size, json_size))
+    if mismatches:
+        unchecked = len(coco.imgs) - len(image_ids)
+        later = f"; the other {unchecked} images are checked when loaded" if unchecked else ""
+        warnings.warn(f"{ann_file}: {len(mismatches)} of {len(image_ids)} images checked have another size in "
+                      f"{img_folder} than their width/height here, so their boxes may be wrong (e.g. "
+                      f"{'; '.join(mismatches[:MAX_EXAMPLES])}){later}", ImageSizeWarning, stacklevel=3)
+
+
 class CocoDetection(Dataset):
     """Images of a COCO-format folder with their detection targets.
 
@@ -179,7 +228,9 @@ class CocoDetection(Dataset):
         self.coco = load_coco_annotations(self.ann_file)
         _check_images_present(self.img_folder, self.coco, self.ann_file)
         self.ids: List[int] = sorted(self.coco.imgs)
+        _warn_size_mismatches(self.img_folder, self.coco, self.ids[:SIZE_CHECK_LIMIT], self.ann_file)
         self.transforms = transforms
+        self.size_warned = False  # a size mismatch of an image loaded after the first SIZE_CHECK_LIMIT
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -192,6 +243,16 @@ class CocoDetection(Dataset):
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
             raise ImageLoadError(f"cannot read image {path} (image id {image_id}, listed in {self.ann_file}): "
                                  f"{type(error).__name__}: {error}") from error
+
+    def check_loaded_size(self, image_id: int, image_size: Tuple[int, int]) -> None:
+        """Warn at the first image of this process whose size is not the annotated one."""
+        json_size = annotated_size(self.coco.imgs[image_id])
+        if self.size_warned or json_size is None or image_size == json_size:
+            return
+        self.size_warned = True
+        warnings.warn(f"{self.ann_file}: {size_mismatch_text(image_id, image_size, json_size)} in {self.img_folder}, "
+                      "so its boxes may be wrong; further such images of this process are not reported",
+                      ImageSizeWarning, stacklevel=3)
 
     def make_target(self, image_id: int, image_size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         """Target of one image of PIL size ``(W, H)`` before any transform."""
@@ -216,6 +277,8 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int):
         image_id = self.ids[index]
         image = self.load_image(image_id)
+        if index >= SIZE_CHECK_LIMIT:  # the first ones were checked at construction
+            self.check_loaded_size(image_id, image.size)
         target = self.make_target(image_id, image.size)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

@@ -143,7 +143,9 @@ class TransformerDecoder(LayerStack):
         for later_layer in self.layers[1:]:
             later_layer.ca_qpos_proj = None
         self.norm = nn.LayerNorm(d_model)
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        # Scales the query position of layers 1.. only: a single-layer decoder has none (an unused
+        # parameter would make DDP fail at the second step).
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if num_layers > 1 else None
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
         self.bbox_embed: Optional[nn.Module] = None  # the detector's shared box head, attached later

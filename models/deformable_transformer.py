@@ -107,7 +107,9 @@ class DeformableTransformerDecoder(LayerStack):
                  look_forward_twice: bool = False):
         super().__init__(layer, num_layers)
         self.look_forward_twice = look_forward_twice
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        # Scales the query position of layers 1.. only: a single-layer decoder has none (an unused
+        # parameter would make DDP fail at the second step).
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if num_layers > 1 else None
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.bbox_embed: Optional[nn.ModuleList] = None  # the detector's per-layer box heads, attached later
         self.class_embed: Optional[nn.ModuleList] = None  # two-stage only: the detector's class heads, attached later

@@ -10,6 +10,10 @@ from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 MatchIndices = List[Tuple[torch.Tensor, torch.Tensor]]  # per image: (query indices, target indices)
 
 
+class NonFinitePredictionError(RuntimeError):
+    """Predicted boxes or logits to be matched are NaN or infinite (a diverged model)."""
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment minimising ``w_class * focal cost + w_bbox * L1 + w_giou * (-GIoU)``."""
 
@@ -25,7 +29,11 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def cost_matrix(self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor,
                     tgt_labels: torch.Tensor, tgt_boxes: torch.Tensor) -> torch.Tensor:
-        """Costs of predictions ``[M, C]``/``[M, 4]`` against all targets of the batch -> ``[M, N]``."""
+        """Costs of predictions ``[M, C]``/``[M, 4]`` against all targets of the batch -> ``[M, N]``.
+
+        A prediction with a non-finite box or logit gets non-finite costs (its box is not passed to
+        ``generalized_box_iou``, whose degenerate-box check would fail, on CUDA with a device-side assert).
+        """
         prob = pred_logits.float().sigmoid()
         alpha, gamma = self.focal_alpha, 2.0
         neg_cost = (1 - alpha) * (prob ** gamma) * (-(1 - prob + 1e-8).log())
@@ -33,15 +41,20 @@ class HungarianMatcher(nn.Module):
         cost_class = pos_cost[:, tgt_labels] - neg_cost[:, tgt_labels]
         pred_boxes, tgt_boxes = pred_boxes.float(), tgt_boxes.float()
         cost_bbox = torch.cdist(pred_boxes, tgt_boxes, p=1)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(tgt_boxes))
-        return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        finite = pred_boxes.isfinite().all(-1, keepdim=True)  # [M, 1]
+        safe_boxes = torch.where(finite, pred_boxes, torch.full_like(pred_boxes, 0.5))
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(safe_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        return cost.masked_fill(~finite, float("nan"))
 
     @torch.no_grad()
     def match_layers(self, layer_outputs: Sequence[Dict[str, torch.Tensor]],
                      targets: Sequence[Dict[str, torch.Tensor]]) -> List[MatchIndices]:
         """Match every decoder layer's outputs independently, with one device-to-host copy in total.
 
-        ``layer_outputs[l]`` holds ``pred_logits [B, Q, C]`` and ``pred_boxes [B, Q, 4]``.
+        ``layer_outputs[l]`` holds ``pred_logits [B, Q, C]`` and ``pred_boxes [B, Q, 4]``. Raises
+        :class:`NonFinitePredictionError` if a prediction is not finite while there are targets (detected on
+        the host copy of the costs, so without a further device sync).
         """
         sizes = [len(t["boxes"]) for t in targets]
         tgt_labels = torch.cat([t["labels"] for t in targets])
@@ -51,9 +64,7 @@ class HungarianMatcher(nn.Module):
             self.cost_matrix(out["pred_logits"].flatten(0, 1), out["pred_boxes"].flatten(0, 1), tgt_labels, tgt_boxes)
             for out in layer_outputs
         ]).view(len(layer_outputs), batch, num_queries, -1).cpu()  # [L, B, Q, N]
-        # Non-finite predictions still get an assignment; their non-finite loss then stops training
-        # with a clear message instead of a solver error here.
-        costs = torch.nan_to_num(costs, nan=1e8, posinf=1e8, neginf=-1e8)
+        check_finite(costs)
         matches = []
         for layer_costs in costs:
             indices = []
@@ -67,6 +78,15 @@ class HungarianMatcher(nn.Module):
     def forward(self, outputs: Dict[str, torch.Tensor], targets) -> MatchIndices:
         """Match one layer: ``outputs`` holds ``pred_logits [B, Q, C]`` and ``pred_boxes [B, Q, 4]``."""
         return self.match_layers([outputs], targets)[0]
+
+
+def check_finite(costs: torch.Tensor) -> None:
+    """Raise :class:`NonFinitePredictionError` naming the layers whose costs ``[L, B, Q, N]`` are not all finite."""
+    if costs.isfinite().all():
+        return
+    bad_layers = (~costs.isfinite()).flatten(1).any(1).nonzero().flatten().tolist()
+    raise NonFinitePredictionError(f"NaN or infinite predicted boxes or class logits in layers {bad_layers} of the "
+                                   f"{len(costs)} matched")
 
 
 def build_matcher(args, focal_alpha: float) -> HungarianMatcher:

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Subset
 
 from datasets import build_dataset, get_coco_api_from_dataset
 from models.builder import resolve_num_classes
-from datasets.coco import AnnotationRepairWarning, CocoDetection, ImageLoadError
+import datasets.coco
+from datasets.coco import AnnotationRepairWarning, CocoDetection, ImageLoadError, ImageSizeWarning
 from util.misc import collate_fn
 
 CATEGORIES = [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}]
@@ -121,6 +122,40 @@ def test_clean_file_gives_no_warning_and_keeps_empty_images(tmp_path):
     assert dataset.ids == [1, 4]
     _, empty = dataset[0]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+
+
+def write_resized_coco(root: Path) -> Path:
+    """Images 1..4 annotated as 64x48; the JPEGs of 2 and 4 are really 80x60 and 48x64."""
+    ann_file = write_coco(root, [(image_id, 64, 48) for image_id in range(1, 5)], [_ann(1, 2, [1, 2, 30, 20])])
+    Image.new("RGB", (80, 60), (0, 90, 30)).save(root / "val2017" / "2.jpg")
+    Image.new("RGB", (48, 64), (0, 90, 30)).save(root / "val2017" / "4.jpg")
+    return ann_file
+
+
+def test_image_size_differing_from_the_annotation_warns_once_with_count_and_ids(tmp_path):
+    ann_file = write_resized_coco(tmp_path)
+    with pytest.warns(ImageSizeWarning) as record:
+        dataset = CocoDetection(tmp_path / "val2017", ann_file)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert str(ann_file) in message and "2 of 4 images checked" in message
+    assert "image id 2: file 80x60, annotated 64x48; image id 4: file 48x64, annotated 64x48" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dataset[1][1]["orig_size"].tolist() == [60, 80]  # checked already: no second warning
+
+
+def test_image_size_beyond_the_construction_check_warns_when_first_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.coco, "SIZE_CHECK_LIMIT", 1)
+    ann_file = write_resized_coco(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset = CocoDetection(tmp_path / "val2017", ann_file)  # image 1 only is checked, and fine
+        dataset[2]
+    with pytest.warns(ImageSizeWarning, match=r"image id 4: file 48x64, annotated 64x48.*not reported") as record:
+        dataset[3]
+        dataset[1]
+    assert len(record) == 1
 
 
 def test_missing_coco_path_folder(tmp_path):

@@ -1,10 +1,11 @@
 """Python config files: inheritance, validation against the real parser, CLI precedence, config.json."""
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from cli import get_args_parser
+from cli import MAX_DEFAULT_WORKERS, default_num_workers, get_args_parser
 from models.registry import MODELS
 from util.config import ConfigError, load_config, parse_args, save_config, validate_config
 
@@ -79,6 +80,15 @@ def test_command_line_turns_off_a_switch_the_config_turns_on(config_chain):
 def test_no_config_is_plain_argparse():
     args = parse_args(get_args_parser(), ["--epochs", "5"])
     assert args.epochs == 5 and args.lr == 1e-4 and args.config is None
+
+
+@pytest.mark.parametrize("local_world_size", [1, 2, 64])
+def test_default_num_workers_shares_the_cpus_of_the_node(monkeypatch, local_world_size):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world_size))
+    cpus = len(os.sched_getaffinity(0))
+    expected = max(0, min(MAX_DEFAULT_WORKERS, cpus // local_world_size - 1))
+    assert default_num_workers() == expected
+    assert get_args_parser().parse_args([]).num_workers == expected
 
 
 def test_unknown_key_names_file_and_suggests(tmp_path, capsys):

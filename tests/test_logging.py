@@ -106,3 +106,13 @@ def test_log_every_through_logger_and_early_stop(tmp_path, capsys, logger_name):
     text = (tmp_path / "info.txt").read_text()
     assert len(PROGRESS_LINE.findall(text)) == 2  # steps 0 and 10
     assert re.search(r"Total time: \d+:\d\d:\d\d \([\d.]+ s / it, 12 iterations\)", text)
+
+
+def test_progress_lines_show_the_chosen_meters_in_their_format(capsys):
+    metrics = MetricLogger(delimiter="  ", meter_fmt="{median:.2f}")
+    for _ in metrics.log_every(range(3), 10, "Epoch: [0]", meters=("loss", "not_logged", "lr")):
+        metrics.update(lr=1e-4, loss=torch.tensor(1.5), loss_ce_unscaled=2.0)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert re.search(r"eta: \S+  loss: 1.50  lr: 0.00  time:", first), first
+    assert metrics.format_averages(["loss", "not_logged", "lr"]) == "loss: 1.5  lr: 0.0001"
+    assert str(metrics) == "lr: 0.00  loss: 1.50  loss_ce_unscaled: 2.00"  # every meter, in logging order

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from models.matcher import HungarianMatcher
+from models.matcher import HungarianMatcher, NonFinitePredictionError
 from tests.model_utils import random_targets
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -73,3 +73,14 @@ def test_layers_are_matched_independently_in_one_call():
 def test_all_zero_costs_are_rejected():
     with pytest.raises(ValueError, match="set_cost"):
         HungarianMatcher(0, 0, 0)
+
+
+def test_non_finite_predictions_raise_a_specific_error():
+    generator = torch.Generator().manual_seed(1)
+    targets = random_targets([2, 1], generator=generator)
+    layers = [{"pred_logits": torch.randn(2, 5, 11, generator=generator),
+               "pred_boxes": torch.rand(2, 5, 4, generator=generator) * 0.5 + 0.2} for _ in range(3)]
+    layers[2]["pred_boxes"][1, 3] = float("nan")
+    layers[0]["pred_logits"][0, 0] = float("nan")
+    with pytest.raises(NonFinitePredictionError, match=r"layers \[0, 2\] of the 3 matched"):
+        HungarianMatcher().match_layers(layers, targets)

@@ -1,6 +1,7 @@
 """main.py end to end on a tiny synthetic set: training, crash + resume, evaluation, configs, safety."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,6 +105,25 @@ def test_kill_while_saving_never_leaves_a_broken_checkpoint(synthetic_coco, tmp_
     assert read_log(out)[-1]["epoch"] == 1
 
 
+def test_console_lines_are_short_and_log_txt_keeps_every_term(synthetic_coco, tmp_path):
+    out = tmp_path / "run"
+    console = run_main(*tiny_main_flags(synthetic_coco, out, "--epochs", "1")).stdout.splitlines()
+    steps = [line for line in console if re.search(r"Epoch: \[0\]\s+\[\d/4\]", line)]
+    tests = [line for line in console if re.search(r"Test:\s+\[\d/3\]", line)]
+    averages = [line for line in console if "Averaged stats" in line]
+    assert len(steps) == 2 and len(tests) == 2 and len(averages) == 2, console
+    for line in steps + tests + averages:
+        assert len(line) < 300, line
+    for line in steps:
+        assert re.search(r"eta: \S+  loss: \S+ \(\S+\)  loss_ce: \S+  loss_bbox: \S+  loss_giou: \S+  "
+                         r"tgt_loss_ce: \S+  tgt_loss_bbox: \S+  tgt_loss_giou: \S+  lr: \S+  time: .*max rss: \d+ MiB",
+                         line), line
+    assert "tgt_loss_giou:" in averages[0] and "loss_giou:" in averages[1] and "_unscaled" not in averages[0]
+    (record,) = read_log(out)
+    assert {"train_loss_ce_unscaled", "train_loss_bbox_0", "train_tgt_loss_giou_1", "train_cardinality_error_unscaled",
+            "test_loss_giou_unscaled", "test_class_error"} <= set(record)
+
+
 def test_eval_resume_reproduces_the_logged_ap_and_config_overrides(synthetic_coco, tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "tiny.py"
@@ -163,15 +183,40 @@ def test_too_few_classes_for_the_dataset_is_a_clear_error(synthetic_coco, tmp_pa
 
 def test_non_finite_loss_stops_naming_epoch_step_and_terms():
     model, criterion, _ = build_model(tiny_args("dn_dab_detr", "--use_dn"))
+    criterion.weight_dict["loss_ce"] = float("inf")
+    images = nested_tensor_from_tensor_list([torch.randn(3, 64, 80), torch.randn(3, 80, 64)])
+    loader = [(images, random_targets([2, 1]))]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    before = model.input_proj.weight.clone()
+    with pytest.raises(NonFiniteLossError, match=r"loss is inf at epoch 3, step 0.*loss_ce"):
+        train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), epoch=3)
+    assert torch.equal(model.input_proj.weight, before)  # no update was applied
+
+
+def test_non_finite_predictions_stop_before_any_update():
+    model, criterion, _ = build_model(tiny_args("dn_dab_detr", "--use_dn"))
     with torch.no_grad():
         model.class_embed.bias.fill_(float("nan"))
     images = nested_tensor_from_tensor_list([torch.randn(3, 64, 80), torch.randn(3, 80, 64)])
     loader = [(images, random_targets([2, 1]))]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     before = model.input_proj.weight.clone()
-    with pytest.raises(NonFiniteLossError, match=r"epoch 3, step 0.*loss_ce"):
+    with pytest.raises(NonFiniteLossError, match=r"predictions are not finite at epoch 3, step 0: .*no earlier step"):
         train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), epoch=3)
-    assert torch.equal(model.input_proj.weight, before)  # no update was applied
+    assert torch.equal(model.input_proj.weight, before)
+
+
+def test_divergence_stops_at_the_matcher_naming_epoch_step_and_last_terms():
+    """--lr 1e6 makes the predictions NaN after one step: the matcher's check stops the run, with the terms
+    of the last finite step, instead of an assertion in generalized_box_iou."""
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(tiny_args("dn_dab_detr", "--use_dn"))
+    images = nested_tensor_from_tensor_list([torch.randn(3, 64, 80), torch.randn(3, 80, 64)])
+    loader = [(images, random_targets([2, 1], generator=torch.Generator().manual_seed(0)))] * 4
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e6)
+    with pytest.raises(NonFiniteLossError, match=r"not finite at epoch 2, step 1: .*layers \[0, 1, 2\].*"
+                                                 r"loss terms of step 0: .*'loss_giou': \d"):
+        train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), epoch=2, max_norm=0.1)
 
 
 def test_amp_training_step_on_cpu_uses_bfloat16():

@@ -15,8 +15,9 @@ import statistics
 import sys
 import time
 from collections import defaultdict, deque
+from functools import partial
 from numbers import Number
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -144,8 +145,10 @@ def format_seconds(seconds: float) -> str:
 class MetricLogger:
     """Named :class:`SmoothedValue` meters (created on first update) and a progress-printing iterator."""
 
-    def __init__(self, delimiter: str = "\t"):
-        self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+    def __init__(self, delimiter: str = "\t", meter_fmt: Optional[str] = None):
+        """``meter_fmt``: the format of the meters created on their first update (SmoothedValue's default
+        when None); meters added with :meth:`add_meter` have their own."""
+        self.meters: Dict[str, SmoothedValue] = defaultdict(partial(SmoothedValue, fmt=meter_fmt))
         self.delimiter = delimiter
 
     def update(self, **kwargs) -> None:
@@ -177,8 +180,19 @@ class MetricLogger:
         raise AttributeError(f"{type(self).__name__} has no attribute or meter {attr!r}")
 
     def __str__(self) -> str:
+        return self.format_meters()
+
+    def format_meters(self, names: Optional[Sequence[str]] = None) -> str:
+        """``name: meter`` of the meters ``names`` that exist, in that order (all meters when None)."""
         materialize(self.meters.values())
-        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+        chosen = list(self.meters) if names is None else [name for name in names if name in self.meters]
+        return self.delimiter.join(f"{name}: {self.meters[name]}" for name in chosen)
+
+    def format_averages(self, names: Sequence[str]) -> str:
+        """``name: global average`` of the meters ``names`` that exist, in that order."""
+        materialize(self.meters.values())
+        return self.delimiter.join(f"{name}: {self.meters[name].global_avg:.6g}" for name in names
+                                   if name in self.meters)
 
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
@@ -187,13 +201,15 @@ class MetricLogger:
         """Sum every meter's count/total over processes, in one collective (meters in sorted name order)."""
         synchronize_meters([self.meters[name] for name in sorted(self.meters)])
 
-    def log_every(self, iterable: Iterable, print_freq: int, header: Optional[str] = None, logger=None):
+    def log_every(self, iterable: Iterable, print_freq: int, header: Optional[str] = None, logger=None,
+                  meters: Optional[Sequence[str]] = None):
         """Yield from ``iterable``, printing a progress line every ``print_freq`` iterations and at the last.
 
-        A line holds ``[i/N]``, the ETA (from the mean iteration time so far), the meters, the mean time
-        per iteration and waiting for data over the last 20 iterations, iterations per second and the
-        peak memory. A final ``Total time`` line follows, also when the loop stops early. Lines go to
-        ``logger.info`` when a logger is given, else to ``print``.
+        A line holds ``[i/N]``, the ETA (from the mean iteration time so far), the meters named in
+        ``meters`` that exist (all of them when None), the mean time per iteration and waiting for data
+        over the last 20 iterations, iterations per second and the peak memory. A final ``Total time``
+        line follows, also when the loop stops early. Lines go to ``logger.info`` when a logger is given,
+        else to ``print``.
         """
         emit = logger.info if logger is not None else print
         header = header or ""
@@ -213,7 +229,7 @@ class MetricLogger:
                 yield obj
                 iter_time.update(time.time() - end)
                 if i % print_freq == 0 or i == (num_iters or 0) - 1:
-                    emit(self._progress_line(header, i, num_iters, width, iter_time, data_time))
+                    emit(self._progress_line(header, i, num_iters, width, iter_time, data_time, meters))
                 end = time.time()
         finally:
             total_time = time.time() - start
@@ -221,16 +237,16 @@ class MetricLogger:
                  f"({total_time / max(num_yielded, 1):.4f} s / it, {num_yielded} iterations)")
 
     def _progress_line(self, header: str, i: int, num_iters: Optional[int], width: int, iter_time: SmoothedValue,
-                       data_time: SmoothedValue) -> str:
+                       data_time: SmoothedValue, meters: Optional[Sequence[str]]) -> str:
         parts = [header]
         if num_iters is not None:
             parts += [f"[{i:>{width}}/{num_iters}]",
                       f"eta: {format_seconds(iter_time.global_avg * (num_iters - i - 1))}"]
         else:
             parts.append(f"[{i}]")
-        meters = str(self)
-        if meters:
-            parts.append(meters)
+        meters_text = self.format_meters(meters)
+        if meters_text:
+            parts.append(meters_text)
         parts += [f"time: {iter_time}", f"data: {data_time}", f"it/s: {1.0 / max(iter_time.avg, 1e-9):.2f}",
                   peak_memory_text()]
         return self.delimiter.join(parts)
