@@ -49,13 +49,13 @@ def main(args: argparse.Namespace) -> None:
 
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
-        adopt_checkpoint_model_args(args, checkpoint.get("args"), get_args_parser(), logger)
-        if "model" in checkpoint:
-            try:
+        try:
+            adopt_checkpoint_model_args(args, checkpoint.get("args"), get_args_parser(), args.resume, logger)
+            if "model" in checkpoint:
                 adopt_state_dict_flags(args, strip_ddp_prefix(checkpoint["model"]), get_args_parser(), args.resume,
                                        logger)
-            except CheckpointError as error:
-                raise SystemExit(str(error)) from None
+        except CheckpointError as error:
+            raise SystemExit(str(error)) from None
         # The checkpoint replaces every weight: skip the ImageNet download.
         args.no_pretrained_backbone = True
     dataset_val = build_dataset("val", args)

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from util.config import given_flags
 from util.optim import use_adamw_impl
 
 # Classes a legitimate DN-DETR checkpoint may contain beyond what weights_only allows by default.
@@ -190,22 +191,33 @@ CHECKPOINT_FLAGS = (
     "pre_norm", "transformer_activation", "num_patterns", "num_feature_levels", "enc_n_points", "dec_n_points",
     "two_stage", "num_results", "val_scale", "max_size",
 )
+# The ones a given flag may not contradict: the network's architecture. The class count is checked against the
+# checkpoint's tensors instead (``models.builder.adopt_state_dict_flags``); image sizes and the number of
+# detections kept may differ from the training run.
+ARCHITECTURE_FLAGS = tuple(flag for flag in CHECKPOINT_FLAGS
+                           if flag not in ("num_classes", "num_results", "val_scale", "max_size"))
 
 
 def adopt_checkpoint_model_args(args: argparse.Namespace, checkpoint_args: Optional[Mapping[str, Any]],
-                                defaults: argparse.ArgumentParser, logger) -> None:
+                                defaults: argparse.ArgumentParser, source: PathLike, logger) -> None:
     """Take the ``CHECKPOINT_FLAGS`` a checkpoint was trained with where neither the command line nor a
-    config set them (they still hold the ``defaults`` parser's default), so ``--eval --resume CKPT``
-    rebuilds that network and feeds it images of the size it was trained for."""
+    config gave them (:func:`util.config.given_flags`; ``defaults`` is the parser), so ``--eval --resume CKPT``
+    rebuilds that network and feeds it images of the size it was trained for. A given flag of the
+    ``ARCHITECTURE_FLAGS`` with another value than the recorded one is a :class:`CheckpointError` naming
+    both values and ``source`` (the checkpoint file)."""
     if not checkpoint_args:
         return
+    given = given_flags(args, defaults)
     for flag in CHECKPOINT_FLAGS:
-        if flag not in checkpoint_args or getattr(args, flag) != defaults.get_default(flag):
+        if flag not in checkpoint_args or checkpoint_args[flag] == getattr(args, flag):
             continue
-        recorded = checkpoint_args[flag]
-        if recorded != getattr(args, flag):
-            logger.warning(f"--{flag} {recorded!r} taken from the checkpoint (default {getattr(args, flag)!r})")
+        recorded, value = checkpoint_args[flag], getattr(args, flag)
+        if flag not in given:
+            logger.warning(f"--{flag} {recorded!r} taken from the checkpoint {source} (the default is {value!r})")
             setattr(args, flag, recorded)
+        elif flag in ARCHITECTURE_FLAGS:
+            raise CheckpointError(f"{source}: --{flag} {value!r} contradicts the checkpoint, which was trained with "
+                                  f"--{flag} {recorded!r}; drop the flag or give {recorded!r}")
 
 
 def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args: argparse.Namespace,
