@@ -1,12 +1,20 @@
 """The command line shared by ``main.py``, ``inference.py`` and the scripts: the argument parser (the
 official flag names) and the checks of flags against the chosen model."""
 import argparse
+import contextlib
 import logging
 
+from datasets.coco import DatasetError, ImageLoadError
+from models.backbone import BackboneWeightsError
 from models.registry import MODELS
+from util.checkpoint import CheckpointError
+from util.config import ConfigError
 from util.optim import ADAMW_IMPLEMENTATIONS
 
 COCO_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+# What a user can cause and fix: a missing file or folder, a checkpoint that cannot be used, a bad config file
+# or dataset, ImageNet weights that cannot be fetched. Their messages name the file or flag.
+USER_ERRORS = (FileNotFoundError, CheckpointError, ConfigError, DatasetError, ImageLoadError, BackboneWeightsError)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -179,6 +187,16 @@ def check_flag_values(args: argparse.Namespace) -> None:
             values = value if isinstance(value, (list, tuple)) else [value]
             if any(v is not None and v < minimum for v in values):
                 raise SystemExit(f"--{flag} {' '.join(map(str, values))}: must be >= {minimum}")
+
+
+@contextlib.contextmanager
+def exit_on_user_errors(prog: str):
+    """For a command-line entry point: a ``USER_ERRORS`` exception ends the program with the one line
+    ``<prog>: error: <message>`` (exit status 1); any other exception keeps its traceback."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        raise SystemExit(f"{prog}: error: {error}") from None
 
 
 def warn_ignored_flags(args: argparse.Namespace, logger=None) -> None:

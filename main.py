@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from cli import check_flag_values, get_args_parser, warn_ignored_flags
+from cli import check_flag_values, exit_on_user_errors, get_args_parser, warn_ignored_flags
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco_eval import COCO_STAT_NAMES
 from engine import evaluate, train_one_epoch
@@ -243,4 +243,5 @@ def start_ema(args: argparse.Namespace, model: torch.nn.Module, checkpoint: Opti
 
 
 if __name__ == "__main__":
-    main(parse_args(get_args_parser(), sys.argv[1:]))
+    with exit_on_user_errors("main.py"):
+        main(parse_args(get_args_parser(), sys.argv[1:]))

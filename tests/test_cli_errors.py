@@ -1,10 +1,13 @@
 """Given flags vs parser defaults against a checkpoint's recorded network; user errors end with their message."""
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import inference
-from cli import get_args_parser
+from cli import exit_on_user_errors, get_args_parser
 from main import main
 from models import build_model
 from models.builder import adopt_state_dict_flags
@@ -12,6 +15,7 @@ from tests.model_utils import TINY_MODEL_FLAGS, tiny_args, tiny_main_flags
 from util.checkpoint import CheckpointError, adopt_checkpoint_model_args, save_checkpoint
 from util.config import given_flags, parse_args
 
+ROOT = Path(__file__).resolve().parents[1]
 DEFORMABLE = "dn_dab_deformable_detr"
 
 
@@ -70,3 +74,48 @@ def test_given_flag_equal_to_the_default_must_fit_the_state_dict():
     implicit = parse_args(get_args_parser(), ["-m", "dn_dab_detr", *TINY_MODEL_FLAGS])
     adopt_state_dict_flags(implicit, model.state_dict(), get_args_parser(), "ckpt.pth")
     assert implicit.num_patterns == 3
+
+
+def run_script(*argv):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_checkpoint_is_the_message_alone(tmp_path):
+    missing = tmp_path / "nope.pth"
+    result = run_script("main.py", "--eval", "--resume", str(missing), "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"main.py: error: checkpoint {missing} does not exist"
+
+
+def test_a_config_that_fails_to_run_is_a_usage_error_naming_it(tmp_path, capsys):
+    config = tmp_path / "broken.py"
+    config.write_text("epochs = 1 +\n")
+    with pytest.raises(SystemExit):
+        parse_args(get_args_parser(), ["--config", str(config)])
+    assert f"config file {config} failed to run: SyntaxError" in capsys.readouterr().err
+
+
+def test_a_missing_data_folder_is_the_message_alone(tmp_path):
+    result = run_script("main.py", *tiny_main_flags(tmp_path / "no_coco", tmp_path / "run", "--epochs", "1"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"main.py: error: --coco_path {tmp_path / 'no_coco'} is not a folder: expected " \
+                                    "a COCO-format folder with train2017/, val2017/ and annotations/instances_{train," \
+                                    "val}2017.json"
+
+
+def test_user_errors_exit_with_the_message_and_others_keep_their_traceback():
+    with pytest.raises(SystemExit, match=r"^prog: error: checkpoint x\.pth does not exist$"):
+        with exit_on_user_errors("prog"):
+            raise FileNotFoundError("checkpoint x.pth does not exist")
+    with pytest.raises(KeyError):
+        with exit_on_user_errors("prog"):
+            raise KeyError("a bug")
+
+
+def test_flag_prefixes_are_not_taken_for_flags(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(get_args_parser(), ["--epoch", "3"])
+    assert "unrecognized arguments: --epoch 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(get_args_parser(), ["--conf", "x.py"])
+    assert "unrecognized arguments: --conf x.py" in capsys.readouterr().err
