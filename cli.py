@@ -169,7 +169,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Integer flags that need a value >= 1 and >= 0 (None, where allowed, is not checked).
+# Integer flags (or lists of them) whose values must be >= 1, and >= 0; None, where allowed, is not checked.
 POSITIVE_INT_FLAGS = (
     "scalar", "batch_size", "lr_drop", "save_checkpoint_interval", "accumulation_steps", "pe_temperatureH",
     "pe_temperatureW", "dec_layers", "dim_feedforward", "hidden_dim", "nheads", "num_queries", "num_select",
