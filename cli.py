@@ -1,13 +1,21 @@
 """The command line shared by ``main.py``, ``inference.py`` and the scripts: the argument parser (the
 official flag names) and the checks of flags against the chosen model."""
 import argparse
+import contextlib
 import logging
 import os
 
+from datasets.coco import DatasetError, ImageLoadError
+from models.backbone import BackboneWeightsError
 from models.registry import MODELS
+from util.checkpoint import CheckpointError
+from util.config import ConfigError
 from util.optim import ADAMW_IMPLEMENTATIONS
 
 COCO_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+# What a user can cause and fix: a missing file or folder, a checkpoint that cannot be used, a bad config file
+# or dataset, ImageNet weights that cannot be fetched. Their messages name the file or flag.
+USER_ERRORS = (FileNotFoundError, CheckpointError, ConfigError, DatasetError, ImageLoadError, BackboneWeightsError)
 MAX_DEFAULT_WORKERS = 8
 
 
@@ -21,7 +29,7 @@ def default_num_workers() -> int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("DN-DETR", add_help=True)
+    parser = argparse.ArgumentParser("DN-DETR", add_help=True, allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None,
                         help="python config file (configs/*.py) whose variables set the defaults; "
                              "flags given on the command line override it")
@@ -150,6 +158,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # run
     parser.add_argument("--output_dir", default="", help="where to save logs and checkpoints")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="let a training run replace the checkpoint.pth that --output_dir already holds (by "
+                             "default refused unless --resume names that file); without --resume the earlier "
+                             "log.txt is removed, so the log holds the new run only")
     parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--resume", default="", help="checkpoint to resume from (or evaluate with --eval)")
@@ -170,6 +182,36 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     return parser
+
+
+# Integer flags (or lists of them) whose values must be >= 1, and >= 0; None, where allowed, is not checked.
+POSITIVE_INT_FLAGS = (
+    "scalar", "batch_size", "lr_drop", "save_checkpoint_interval", "accumulation_steps", "pe_temperatureH",
+    "pe_temperatureW", "dec_layers", "dim_feedforward", "hidden_dim", "nheads", "num_queries", "num_select",
+    "num_feature_levels", "enc_n_points", "dec_n_points", "num_results", "num_classes", "train_scales", "max_size",
+    "val_scale", "crop_resize_scales", "crop_size", "world_size",
+)
+NON_NEGATIVE_INT_FLAGS = ("num_patterns", "ema_warmup_steps", "enc_layers", "num_workers", "start_epoch")
+
+
+def check_flag_values(args: argparse.Namespace) -> None:
+    """Exit with a one-line message naming the first integer flag whose value is out of range."""
+    for flags, minimum in ((POSITIVE_INT_FLAGS, 1), (NON_NEGATIVE_INT_FLAGS, 0)):
+        for flag in flags:
+            value = getattr(args, flag)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(v is not None and v < minimum for v in values):
+                raise SystemExit(f"--{flag} {' '.join(map(str, values))}: must be >= {minimum}")
+
+
+@contextlib.contextmanager
+def exit_on_user_errors(prog: str):
+    """For a command-line entry point: a ``USER_ERRORS`` exception ends the program with the one line
+    ``<prog>: error: <message>`` (exit status 1); any other exception keeps its traceback."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        raise SystemExit(f"{prog}: error: {error}") from None
 
 
 def warn_ignored_flags(args: argparse.Namespace, logger=None) -> None:

@@ -9,12 +9,13 @@
 Each entry builds the network of its config (``configs/<entry>.py``); keyword arguments named like
 ``main.py``'s flags override the config (``num_classes=12``, ``hidden_dim=64``, ...). ``checkpoint``, a file
 or an http(s) URL (downloaded once into the torch hub cache), is read with the safe loader
-(``util.checkpoint.load_checkpoint``: nothing in the file is executed) and loaded strictly; settings the
-keywords leave at the config's value take what the checkpoint records or reveals, as in ``inference.py``,
-and its EMA weights are used when it has them (``ema_weights=False``: its raw weights). Without a
-checkpoint the network is freshly initialised (the backbone with ImageNet weights unless
-``no_pretrained_backbone=True``). The model is returned in eval mode on the CPU; it takes a list of
-normalised ``[3, H, W]`` images (or a NestedTensor) and returns ``pred_logits`` and ``pred_boxes``.
+(``util.checkpoint.load_checkpoint``: nothing in the file is executed) and loaded strictly; settings that
+neither the config nor the keywords set take what the checkpoint records or reveals, as in ``inference.py``
+(a set one that contradicts the checkpoint's network is an error), and its EMA weights are used when it has
+them (``ema_weights=False``: its raw weights). Without a checkpoint the network is freshly initialised (the
+backbone with ImageNet weights unless ``no_pretrained_backbone=True``). The model is returned in eval mode
+on the CPU; it takes a list of normalised ``[3, H, W]`` images (or a NestedTensor) and returns ``pred_logits``
+and ``pred_boxes``.
 """
 import logging
 import pathlib
@@ -37,6 +38,7 @@ def _load(name: str, checkpoint, return_postprocessor: bool, settings: dict):
     if unknown:
         raise TypeError(f"{name}: unknown settings {unknown}; use main.py's flag names (python main.py --help)")
     vars(args).update(settings)
+    args.given_flags = sorted(set(args.given_flags) | set(settings))
     logger = logging.getLogger("dn_detr.hub")
     if checkpoint is None:
         model, _, postprocessors = build_model(args)

@@ -41,7 +41,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from PIL import Image
 
-from cli import get_args_parser
+from cli import exit_on_user_errors, get_args_parser
 from datasets import coco_split_paths
 from datasets.coco import category_names_from_annotations
 from datasets.transforms import make_coco_transforms
@@ -276,4 +276,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_user_errors("inference.py"):
+        sys.exit(main())

@@ -17,14 +17,15 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from cli import get_args_parser, warn_ignored_flags
+from cli import check_flag_values, exit_on_user_errors, get_args_parser, warn_ignored_flags
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco_eval import COCO_STAT_NAMES
 from engine import evaluate, train_one_epoch
 from models import build_model
 from models.builder import adopt_state_dict_flags, resolve_num_classes
-from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, checkpoint_state, load_checkpoint,
-                             load_pretrained_weights, restore_checkpoint, save_checkpoint, strip_ddp_prefix)
+from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, check_checkpoint_file, checkpoint_state,
+                             finished_epochs, is_url, load_checkpoint, load_pretrained_weights, restore_checkpoint,
+                             save_checkpoint, strip_ddp_prefix)
 from util.config import parse_args, save_config
 from util.device import resolve_device
 from util.distributed import get_rank, init_distributed_mode, is_main_process
@@ -37,27 +38,17 @@ __all__ = ["get_args_parser", "main"]  # the parser lives in cli.py; main.py re-
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.accumulation_steps < 1:
-        raise SystemExit(f"--accumulation_steps {args.accumulation_steps} must be >= 1")
+    check_flag_values(args)
+    if args.eval and not (args.resume or args.pretrain_model_path):
+        raise SystemExit("--eval needs trained weights: give --resume CHECKPOINT or --pretrain_model_path FILE")
+    check_output_dir(args)
     init_distributed_mode(args)
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(args)
     logger = setup_logger(output_dir, distributed_rank=get_rank(), name="dn_detr")
     logger.info("Command: " + " ".join(sys.argv))
     device = resolve_device(args.device)
 
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:
-        adopt_checkpoint_model_args(args, checkpoint.get("args"), get_args_parser(), logger)
-        if "model" in checkpoint:
-            try:
-                adopt_state_dict_flags(args, strip_ddp_prefix(checkpoint["model"]), get_args_parser(), args.resume,
-                                       logger)
-            except CheckpointError as error:
-                raise SystemExit(str(error)) from None
-        # The checkpoint replaces every weight: skip the ImageNet download.
-        args.no_pretrained_backbone = True
+    checkpoint = load_resumed_checkpoint(args, logger)
     dataset_val = build_dataset("val", args)
     dataset_train = None if args.eval else build_dataset("train", args)
     dataset = dataset_val if dataset_train is None else dataset_train
@@ -177,6 +168,65 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start_time))}")
 
 
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse a training run that would replace the ``checkpoint.pth`` of an earlier run in ``--output_dir``
+    (and append to its ``log.txt``): it must resume that file or be given ``--overwrite_output_dir``."""
+    if args.eval or not args.output_dir or args.overwrite_output_dir:
+        return
+    existing = Path(args.output_dir) / "checkpoint.pth"
+    if not existing.exists() or (args.resume and not is_url(args.resume)
+                                 and Path(args.resume).resolve() == existing.resolve()):
+        return
+    run = f"resuming {args.resume}" if args.resume else "a new run"
+    raise SystemExit(f"--output_dir {args.output_dir} already holds {existing}, which {run} would replace: pass "
+                     f"--resume {existing} to continue that run, or --overwrite_output_dir to overwrite it")
+
+
+def prepare_output_dir(args: argparse.Namespace) -> Optional[Path]:
+    """``--output_dir`` created; a training run started over with ``--overwrite_output_dir`` (no ``--resume``)
+    removes the earlier run's ``log.txt`` so that the log holds this run only."""
+    if not args.output_dir:
+        return None
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite_output_dir and not (args.resume or args.eval) and is_main_process():
+        (output_dir / "log.txt").unlink(missing_ok=True)
+    return output_dir
+
+
+def load_resumed_checkpoint(args: argparse.Namespace, logger) -> Optional[dict]:
+    """The ``--resume`` checkpoint (None without one), with the network flags it records or reveals taken where
+    not given; a training run must have epochs left. ``--pretrain_model_path`` is checked to be a checkpoint
+    file too, before any work. A file that cannot be used exits with a message naming it."""
+    try:
+        if args.pretrain_model_path and not is_url(args.pretrain_model_path):
+            check_checkpoint_file(args.pretrain_model_path)
+        checkpoint = load_checkpoint(args.resume) if args.resume else None
+        check_epochs_left(args, checkpoint)
+        if checkpoint is not None:
+            adopt_checkpoint_model_args(args, checkpoint.get("args"), get_args_parser(), args.resume, logger)
+            if "model" in checkpoint:
+                adopt_state_dict_flags(args, strip_ddp_prefix(checkpoint["model"]), get_args_parser(), args.resume,
+                                       logger)
+            # The checkpoint replaces every weight: skip the ImageNet download.
+            args.no_pretrained_backbone = True
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from None
+    return checkpoint
+
+
+def check_epochs_left(args: argparse.Namespace, checkpoint: Optional[dict]) -> None:
+    """A training run must have epochs to train: ``--epochs`` beyond the epochs the resumed checkpoint
+    finished, else beyond ``--start_epoch``."""
+    finished = None if checkpoint is None else finished_epochs(checkpoint)
+    if args.eval or args.epochs > (args.start_epoch if finished is None else finished):
+        return
+    if finished is None:
+        raise SystemExit(f"--epochs {args.epochs} leaves nothing to train (--start_epoch {args.start_epoch})")
+    raise SystemExit(f"{args.resume} already finished epoch {finished - 1} ({finished} epochs), so --epochs "
+                     f"{args.epochs} leaves nothing to train: pass --epochs greater than {finished} to continue it")
+
+
 def start_ema(args: argparse.Namespace, model: torch.nn.Module, checkpoint: Optional[dict], logger) -> Optional[ModelEMA]:
     """``--use_ema`` in training: the weight average, restored from a resumed checkpoint that has one,
     else started from the current weights."""
@@ -193,4 +243,5 @@ def start_ema(args: argparse.Namespace, model: torch.nn.Module, checkpoint: Opti
 
 
 if __name__ == "__main__":
-    main(parse_args(get_args_parser(), sys.argv[1:]))
+    with exit_on_user_errors("main.py"):
+        main(parse_args(get_args_parser(), sys.argv[1:]))

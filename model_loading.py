@@ -23,7 +23,7 @@ def load_model_for_inference(args: argparse.Namespace, logger) -> Tuple[nn.Modul
     """
     checkpoint = load_checkpoint(args.resume)
     state_dict, key = model_weights(checkpoint, args.resume, args.ema_weights)
-    adopt_checkpoint_model_args(args, checkpoint.get("args"), get_args_parser(), logger)
+    adopt_checkpoint_model_args(args, checkpoint.get("args"), get_args_parser(), args.resume, logger)
     adopt_state_dict_flags(args, state_dict, get_args_parser(), args.resume, logger)
     warn_ignored_flags(args, logger)
     args.no_pretrained_backbone = True

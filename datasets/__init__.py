@@ -3,7 +3,7 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
-from datasets.coco import CocoDetection
+from datasets.coco import CocoDetection, DatasetError
 from datasets.transforms import make_coco_transforms
 
 SPLIT_FOLDERS = {"train": "train2017", "val": "val2017"}
@@ -21,9 +21,9 @@ def coco_split_paths(coco_path, image_set: str):
 def build_dataset(image_set: str, args) -> CocoDetection:
     """The ``image_set`` split of ``--coco_path`` with the DETR transforms built from ``args``."""
     if args.dataset_file != "coco":
-        raise ValueError(f"--dataset_file {args.dataset_file!r} is not supported; only 'coco' (any COCO-format folder)")
+        raise DatasetError(f"--dataset_file {args.dataset_file!r} is not supported; only 'coco' (any COCO-format folder)")
     if args.coco_path is None:
-        raise ValueError("--coco_path is required: a COCO-format folder with train2017/, val2017/ and annotations/")
+        raise DatasetError("--coco_path is required: a COCO-format folder with train2017/, val2017/ and annotations/")
     root = Path(args.coco_path)
     if not root.is_dir():
         raise FileNotFoundError(f"--coco_path {root} is not a folder: expected a COCO-format folder with "

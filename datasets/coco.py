@@ -50,8 +50,12 @@ class ImageLoadError(RuntimeError):
     """An image listed in the annotation file is missing or cannot be decoded."""
 
 
+class DatasetError(ValueError):
+    """A dataset cannot be used as given (no folder, a malformed annotation file); the message names it."""
+
+
 def _fail(ann_file: Path, message: str):
-    raise ValueError(f"{ann_file}: {message}")
+    raise DatasetError(f"{ann_file}: {message}")
 
 
 def read_annotation_json(ann_file) -> dict:
@@ -65,7 +69,7 @@ def read_annotation_json(ann_file) -> dict:
         with ann_file.open("rb") as f:
             dataset = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{ann_file}: not a valid JSON file ({error})") from error
+        raise DatasetError(f"{ann_file}: not a valid JSON file ({error})") from error
     if not isinstance(dataset, dict):
         _fail(ann_file, f"expected a JSON object with 'images', 'annotations' and 'categories', "
                         f"got {type(dataset).__name__}")

@@ -377,7 +377,7 @@ def generate_synthetic_coco(out_dir, num_train: int = 200, num_val: int = 50, se
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("python -m datasets.synthetic", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--out", required=True, help="output folder (becomes --coco_path)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_train", type=int, default=200)

@@ -29,13 +29,17 @@ NORM_LAYERS = {
 }
 
 
+class BackboneWeightsError(RuntimeError):
+    """The ImageNet weights of the backbone could not be loaded (offline, no cached file)."""
+
+
 def load_imagenet_weights(name: str) -> Dict[str, torch.Tensor]:
     """torchvision's ``IMAGENET1K_V1`` weights (the legacy ``pretrained=True`` ones) of a ResNet."""
     weights = getattr(torchvision.models, IMAGENET_WEIGHTS[name]).IMAGENET1K_V1
     try:
         return weights.get_state_dict(progress=False)
     except Exception as err:  # network or cache problem: say what to do instead of a bare URL error
-        raise RuntimeError(
+        raise BackboneWeightsError(
             f"could not load the ImageNet weights of {name} ({weights.url}): {err}. Put the file into "
             f"{torch.hub.get_dir()}/checkpoints/, or pass --no_pretrained_backbone (e.g. when a full "
             "checkpoint is loaded with --resume/--pretrain_model_path anyway)."

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from util.checkpoint import CheckpointError
+from util.config import given_flags
 from util.coco_categories import COCO_NUM_CLASSES
 
 from .criterion import SetCriterion, build_weight_dict
@@ -87,14 +88,15 @@ def flags_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Tupl
 
 def adopt_state_dict_flags(args, state_dict: Dict[str, torch.Tensor], defaults, source: str, logger=None) -> None:
     """Set the network flags of ``args`` that a checkpoint's state dict reveals (:func:`flags_from_state_dict`)
-    where they still hold the ``defaults`` parser's default; a flag given explicitly with another value is an
-    error naming the flag, the key and ``source`` (the checkpoint file)."""
+    where neither the command line nor a config gave them (:func:`util.config.given_flags`; ``defaults`` is the
+    parser); a flag given with another value is an error naming the flag, the key and ``source`` (the file)."""
     logger = logger or logging.getLogger(__name__)
+    given = given_flags(args, defaults)
     for flag, (found, key) in flags_from_state_dict(state_dict).items():
         value = getattr(args, flag)
         if value == found:
             continue
-        if value != defaults.get_default(flag):
+        if flag in given:
             if flag == "transformer_activation" and found == "relu" and value != "prelu":
                 continue  # no slopes: any activation without weights fits the keys
             presence = "has" if found not in (0, "relu") else "has no"

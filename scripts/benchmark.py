@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import autocast, backward, clip_and_step, weighted_loss  # noqa: E402
-from cli import get_args_parser  # noqa: E402
+from cli import exit_on_user_errors, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from models.builder import build_dn_config, resolve_num_classes  # noqa: E402
 from util.benchmarking import PeakMemory, device_name, interleaved_timed_runs_ms, synchronize  # noqa: E402
@@ -412,4 +412,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_errors("benchmark.py"):
+        main()

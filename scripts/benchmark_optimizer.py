@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cli import get_args_parser  # noqa: E402
+from cli import exit_on_user_errors, get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from util.benchmarking import interleaved_timed_runs_ms  # noqa: E402
 from util.config import parse_args  # noqa: E402
@@ -77,4 +77,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_errors("benchmark_optimizer.py"):
+        main()

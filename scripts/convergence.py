@@ -25,15 +25,18 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from cli import get_args_parser  # noqa: E402
 from datasets.synthetic import generate_synthetic_coco  # noqa: E402
 from plot_curves import load_runs, plot_runs  # noqa: E402  (scripts/ is this script's folder)
+from util.checkpoint import finished_epochs, load_checkpoint  # noqa: E402
+from util.config import parse_args  # noqa: E402
 
 RUNS = {"dn_detr": ["--use_dn"], "baseline": ["--no-use_dn"]}
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("scripts/convergence.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "convergence")
     parser.add_argument("--config", default=str(ROOT / "configs" / "synthetic_convergence.py"),
                         help="training settings shared by both runs (their --use_dn is overridden)")
@@ -49,12 +52,17 @@ def get_parser() -> argparse.ArgumentParser:
 
 def train(name: str, run_flags: List[str], args, data: Path, extra: Sequence[str]) -> Path:
     run_dir = args.out / name
-    command = [sys.executable, str(ROOT / "main.py"), "--config", args.config, "--coco_path", str(data),
-               "--output_dir", str(run_dir), "--seed", str(args.seed), *extra, *run_flags]
+    flags = ["--config", args.config, "--coco_path", str(data), "--output_dir", str(run_dir), "--seed",
+             str(args.seed), *extra, *run_flags]
     if args.epochs is not None:
-        command += ["--epochs", str(args.epochs)]
-    if (run_dir / "checkpoint.pth").exists():
-        command += ["--resume", str(run_dir / "checkpoint.pth")]
+        flags += ["--epochs", str(args.epochs)]
+    checkpoint = run_dir / "checkpoint.pth"
+    if checkpoint.exists():
+        if finished_epochs(load_checkpoint(checkpoint)) >= parse_args(get_args_parser(), flags).epochs:
+            print(f"[convergence] {name}: {checkpoint} has finished every epoch, not retrained", flush=True)
+            return run_dir
+        flags += ["--resume", str(checkpoint)]
+    command = [sys.executable, str(ROOT / "main.py"), *flags]
     print(f"[convergence] {name}: {' '.join(command)}", flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
     return run_dir

@@ -168,7 +168,7 @@ def markdown_table(runs: Sequence[Run], metric: str = "AP") -> str:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("scripts/plot_curves.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_LOG", help="run folders or log.txt files")
     parser.add_argument("--out", type=Path, default=None, help="PNG file to write the curves to")
     parser.add_argument("--fields", nargs="+", default=DEFAULT_FIELDS, help="what to plot, one subplot each")

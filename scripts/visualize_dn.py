@@ -174,7 +174,7 @@ def visualize(example: Example, args: argparse.Namespace) -> DNVisualization:
 def get_parser() -> argparse.ArgumentParser:
     defaults = get_args_parser()
     parser = argparse.ArgumentParser("scripts/visualize_dn.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--coco_path", default=None, help="COCO-format folder (train2017/, val2017/, annotations/)")
     parser.add_argument("--image_set", default="train", choices=["train", "val"], help="split of --coco_path")
     parser.add_argument("--image_id", type=int, default=None, help="default: the split's first image with objects")

@@ -57,10 +57,16 @@ def test_resume_with_another_class_count_names_the_file_and_the_tensors(syntheti
     with pytest.raises(SystemExit, match=r"coco\.pth: --num_classes 12 does not fit .*label_enc\.weight.*"
                                          r"--pretrain_model_path"):
         main(get_args_parser().parse_args(flags))
-    # Without the flag the checkpoint's 91 classes are kept; a tensor that still does not fit is named.
+    # Without the flag the checkpoint's 91 classes are kept; a network flag that contradicts the recorded one
+    # is named with both values, and without recorded args the tensor that does not fit is named.
     flags = tiny_main_flags(synthetic_coco, tmp_path / "run", "--epochs", "1", "--dim_feedforward", "64",
                             "--resume", str(tmp_path / "coco.pth"))
-    with pytest.raises(SystemExit, match=r"coco\.pth does not fit the network.*linear1\.weight"):
+    with pytest.raises(SystemExit, match=r"coco\.pth: --dim_feedforward 64 contradicts the checkpoint, which was "
+                                         r"trained with --dim_feedforward 96"):
+        main(get_args_parser().parse_args(flags))
+    save_tiny(tmp_path / "bare.pth", "dn_dab_detr", "--num_classes", "91", record_args=False)
+    flags[flags.index("--resume") + 1] = str(tmp_path / "bare.pth")
+    with pytest.raises(SystemExit, match=r"bare\.pth does not fit the network.*linear1\.weight"):
         main(get_args_parser().parse_args(flags))
 
 

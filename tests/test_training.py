@@ -235,7 +235,7 @@ def test_pretrained_weights_skip_ignored_keys(synthetic_coco, tmp_path):
     path = tmp_path / "pretrained.pth"
     save_checkpoint({"model": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
     out = tmp_path / "run"
-    run_main(*tiny_main_flags(synthetic_coco, out, "--epochs", "0", "--num_classes", "12", "--pretrain_model_path",
+    run_main(*tiny_main_flags(synthetic_coco, out, "--eval", "--num_classes", "12", "--pretrain_model_path",
                               str(path), "--finetune_ignore", "class_embed", "label_enc"))
     info = (out / "info.txt").read_text()
     assert "dropped 3 entries" in info  # class_embed.{weight,bias} and label_enc.weight (11 vs 12 classes)

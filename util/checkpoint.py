@@ -24,12 +24,14 @@ from urllib.parse import urlparse
 
 import torch
 
+from util.config import given_flags
 from util.optim import use_adamw_impl
 
 # Classes a legitimate DN-DETR checkpoint may contain beyond what weights_only allows by default.
 CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
 
 PathLike = Union[str, os.PathLike]
+ZIP_MAGIC = b"PK\x03\x04"  # the start of a torch.save file; the legacy format is a pickle, starting with PROTO
 
 
 class CheckpointError(RuntimeError):
@@ -144,6 +146,23 @@ def _offending_globals(path: Path, error: Exception) -> List[str]:
     return sorted(set(found)) or re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
 
 
+def check_checkpoint_file(path: PathLike) -> None:
+    """Fail fast, naming ``path``, where it cannot be a checkpoint: missing (FileNotFoundError), not a file
+    (:class:`CheckpointError`), empty or neither a zip archive nor a pickle (:class:`CorruptCheckpointError`)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    with path.open("rb") as f:
+        start = f.read(len(ZIP_MAGIC))
+    if not start:
+        raise CorruptCheckpointError(f"{path} is not a PyTorch checkpoint (empty file)")
+    if start != ZIP_MAGIC and start[:1] != pickle.PROTO:
+        raise CorruptCheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle, the "
+                                     f"formats torch.save writes; it starts with {start!r})")
+
+
 def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", download_dir: Optional[PathLike] = None) -> dict:
     """Load a checkpoint dict from a file or an http(s) URL without executing anything from it.
 
@@ -152,14 +171,11 @@ def load_checkpoint(path_or_url: PathLike, map_location: Any = "cpu", download_d
     Raises:
         FileNotFoundError: the path does not exist (it is never silently skipped).
         UnsafeCheckpointError: the file needs a class or function outside the allow-list.
-        CorruptCheckpointError: the file is truncated, corrupt or not a checkpoint dict.
+        CorruptCheckpointError: the file is empty, truncated, corrupt or not a checkpoint dict.
         CheckpointError: the URL could not be downloaded.
     """
     path = download_checkpoint(str(path_or_url), download_dir) if is_url(path_or_url) else Path(path_or_url)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file")
+    check_checkpoint_file(path)
     try:
         with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
@@ -190,22 +206,33 @@ CHECKPOINT_FLAGS = (
     "pre_norm", "transformer_activation", "num_patterns", "num_feature_levels", "enc_n_points", "dec_n_points",
     "two_stage", "num_results", "val_scale", "max_size",
 )
+# The ones a given flag may not contradict: the network's architecture. The class count is checked against the
+# checkpoint's tensors instead (``models.builder.adopt_state_dict_flags``); image sizes and the number of
+# detections kept may differ from the training run.
+ARCHITECTURE_FLAGS = tuple(flag for flag in CHECKPOINT_FLAGS
+                           if flag not in ("num_classes", "num_results", "val_scale", "max_size"))
 
 
 def adopt_checkpoint_model_args(args: argparse.Namespace, checkpoint_args: Optional[Mapping[str, Any]],
-                                defaults: argparse.ArgumentParser, logger) -> None:
+                                defaults: argparse.ArgumentParser, source: PathLike, logger) -> None:
     """Take the ``CHECKPOINT_FLAGS`` a checkpoint was trained with where neither the command line nor a
-    config set them (they still hold the ``defaults`` parser's default), so ``--eval --resume CKPT``
-    rebuilds that network and feeds it images of the size it was trained for."""
+    config gave them (:func:`util.config.given_flags`; ``defaults`` is the parser), so ``--eval --resume CKPT``
+    rebuilds that network and feeds it images of the size it was trained for. A given flag of the
+    ``ARCHITECTURE_FLAGS`` with another value than the recorded one is a :class:`CheckpointError` naming
+    both values and ``source`` (the checkpoint file)."""
     if not checkpoint_args:
         return
+    given = given_flags(args, defaults)
     for flag in CHECKPOINT_FLAGS:
-        if flag not in checkpoint_args or getattr(args, flag) != defaults.get_default(flag):
+        if flag not in checkpoint_args or checkpoint_args[flag] == getattr(args, flag):
             continue
-        recorded = checkpoint_args[flag]
-        if recorded != getattr(args, flag):
-            logger.warning(f"--{flag} {recorded!r} taken from the checkpoint (default {getattr(args, flag)!r})")
+        recorded, value = checkpoint_args[flag], getattr(args, flag)
+        if flag not in given:
+            logger.warning(f"--{flag} {recorded!r} taken from the checkpoint {source} (the default is {value!r})")
             setattr(args, flag, recorded)
+        elif flag in ARCHITECTURE_FLAGS:
+            raise CheckpointError(f"{source}: --{flag} {value!r} contradicts the checkpoint, which was trained with "
+                                  f"--{flag} {recorded!r}; drop the flag or give {recorded!r}")
 
 
 def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args: argparse.Namespace,
@@ -234,21 +261,29 @@ def model_weights(checkpoint: Mapping[str, Any], source: PathLike, ema_weights: 
     return strip_ddp_prefix(checkpoint[key]), key
 
 
+LISTED_KEYS = 3  # entries named in a message about weights that do not fit; the rest are counted
+
+
+def _first_keys(entries: Sequence[str]) -> str:
+    more = f" and {len(entries) - LISTED_KEYS} more" if len(entries) > LISTED_KEYS else ""
+    return ", ".join(entries[:LISTED_KEYS]) + more
+
+
 def _shape_changes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], keys) -> str:
-    return ", ".join(f"{k} {tuple(state[k].shape)} (network: {tuple(expected[k].shape)})" for k in keys)
+    return _first_keys([f"{k} {tuple(state[k].shape)} (network: {tuple(expected[k].shape)})" for k in keys])
 
 
 def load_weights_strictly(model, state: Mapping[str, torch.Tensor], source: PathLike) -> None:
     """``model.load_state_dict(state, strict=True)``; weights that do not fit are a :class:`CheckpointError`
-    naming ``source`` and every missing, unexpected and mis-shaped entry."""
+    naming ``source`` and the first missing, unexpected and mis-shaped entries."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or reshaped:
         problems = [f"{name}: {entries}" for name, entries in (
-            ("different shapes", _shape_changes(state, expected, reshaped)), ("missing", ", ".join(missing)),
-            ("unexpected", ", ".join(unexpected))) if entries]
+            ("different shapes", _shape_changes(state, expected, reshaped)), ("missing", _first_keys(missing)),
+            ("unexpected", _first_keys(unexpected))) if entries]
         raise CheckpointError(f"checkpoint {source} does not fit the network built from the flags (give the flags "
                               f"or --config it was trained with); " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
@@ -280,15 +315,27 @@ def load_pretrained_weights(model, path: PathLike, ignore_keywords, logger, clas
     logger.info(f"Loaded {path} ({key}): missing {result.missing_keys}, unexpected {result.unexpected_keys}")
 
 
+def finished_epochs(checkpoint: Mapping[str, Any]) -> Optional[int]:
+    """How many epochs the training run of a checkpoint finished (its ``epoch`` + 1); None for a checkpoint
+    without the training state (``optimizer``, ``lr_scheduler``, ``epoch``) that --resume continues."""
+    if not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+        return None
+    return checkpoint["epoch"] + 1
+
+
 def restore_checkpoint(checkpoint: dict, args: argparse.Namespace, model, optimizer, lr_scheduler, scaler, logger) -> None:
     """``--resume``: the model strictly (with ``--eval`` the EMA weights when the checkpoint has them, unless
     ``--no-ema_weights``); in training also optimizer, scheduler, scaler and the epoch."""
     state, key = model_weights(checkpoint, args.resume, ema_weights=args.eval and args.ema_weights)
     load_weights_strictly(model, state, args.resume)
     logger.info(f"Resumed model weights from {args.resume} ({key})")
-    if args.eval or not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+    if args.eval or finished_epochs(checkpoint) is None:
         return
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {args.resume}: its optimizer state does not fit the trained parameters "
+                              f"of this network ({error})") from None
     use_adamw_impl(optimizer, args.adamw_impl)
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and "scaler" in checkpoint:
@@ -299,7 +346,7 @@ def restore_checkpoint(checkpoint: dict, args: argparse.Namespace, model, optimi
         lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
         for group, base_lr in zip(optimizer.param_groups, lr_scheduler.base_lrs):
             group["lr"] = base_lr * lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
-    args.start_epoch = checkpoint["epoch"] + 1
+    args.start_epoch = finished_epochs(checkpoint)
     if args.drop_lr_now:
         for group in optimizer.param_groups:
             group["lr"] *= 0.1

@@ -10,6 +10,8 @@ Config files are code: loading one executes it with the full Python interpreter,
 Only use config files you wrote or trust.
 
 Precedence: parser defaults < config file (< its bases' values overridden by it) < command-line flags.
+:func:`parse_args` records which settings the config file or the command line gave (``args.given_flags``), so
+that values a checkpoint recorded replace only the parser defaults, never a given flag.
 """
 import argparse
 import difflib
@@ -18,7 +20,7 @@ import json
 import os
 import runpy
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Set, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -41,7 +43,10 @@ def _load(path: Path, chain: Tuple[Path, ...]) -> Dict[str, Any]:
     resolved = path.resolve()
     if resolved in chain:
         raise ConfigError("circular _base_ chain: " + " -> ".join(str(p) for p in chain + (resolved,)))
-    variables = runpy.run_path(str(path))  # executes the file: configs are code
+    try:
+        variables = runpy.run_path(str(path))  # executes the file: configs are code
+    except Exception as error:
+        raise ConfigError(f"config file {path} failed to run: {type(error).__name__}: {error}") from error
 
     settings: Dict[str, Any] = {}
     base = variables.get("_base_")
@@ -117,12 +122,14 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
     Flags given explicitly on the command line override the config file. The config's values become
     the parser's defaults (``parser.set_defaults``), so ``parser.get_default`` reports them afterwards;
     flags the parser marks required are satisfied by the config file too. A bad config exits with a
-    usage error naming the file and the setting.
+    usage error naming the file and the setting. ``args.given_flags`` lists the destinations that the
+    config file or the command line set (see :func:`given_flags`).
     """
     config_flags = [a.option_strings for a in parser._actions if a.dest == "config"]
-    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre_parser.add_argument(*(config_flags[0] if config_flags else ["--config"]), dest="config", default=None)
     known, _ = pre_parser.parse_known_args(argv)
+    settings = {}
     if known.config:
         try:
             settings = validate_config(load_config(known.config), parser, known.config)
@@ -132,7 +139,24 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
             if action.dest in settings:
                 action.required = False
         parser.set_defaults(**settings)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.given_flags = sorted(_command_line_dests(parser, argv) | set(settings))
+    return args
+
+
+def _command_line_dests(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Set[str]:
+    """Destinations of the flags present in ``argv`` (a value equal to the default included)."""
+    unset, dests = object(), set(_settable_actions(parser))
+    namespace = parser.parse_known_args(argv, argparse.Namespace(**dict.fromkeys(dests, unset)))[0]
+    return {dest for dest in dests if getattr(namespace, dest) is not unset}
+
+
+def given_flags(args: argparse.Namespace, defaults: argparse.ArgumentParser) -> Set[str]:
+    """The destinations a config file or the command line set: ``args.given_flags`` as recorded by
+    :func:`parse_args`; for a namespace parsed otherwise, the ones that differ from ``defaults``' defaults."""
+    if hasattr(args, "given_flags"):
+        return set(args.given_flags)
+    return {dest for dest, value in vars(args).items() if value != defaults.get_default(dest)}
 
 
 def save_config(args: Union[argparse.Namespace, Dict[str, Any]], path: PathLike) -> None:
