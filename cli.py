@@ -63,6 +63,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lr_backbone", type=float, default=1e-5)
     parser.add_argument("--batch_size", type=int, default=2, help="images per process")
+    parser.add_argument("--eval_batch_size", type=int, default=None,
+                        help="images per process in evaluation. Images of a batch are zero-padded to its largest "
+                             "one and the CNN sees the padding, so AP depends on it (README: evaluation batch "
+                             "size). Default: with --eval, a given --batch_size, else the evaluation batch size "
+                             "the checkpoint's training run used; otherwise --batch_size. Recorded in the "
+                             "checkpoint and in every log.txt line")
     parser.add_argument("--weight_decay", type=float, default=1e-4)
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--lr_drop", type=int, default=40)
@@ -186,7 +192,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # Integer flags (or lists of them) whose values must be >= 1, and >= 0; None, where allowed, is not checked.
 POSITIVE_INT_FLAGS = (
-    "scalar", "batch_size", "lr_drop", "save_checkpoint_interval", "accumulation_steps", "pe_temperatureH",
+    "scalar", "batch_size", "eval_batch_size", "lr_drop", "save_checkpoint_interval", "accumulation_steps", "pe_temperatureH",
     "pe_temperatureW", "dec_layers", "dim_feedforward", "hidden_dim", "nheads", "num_queries", "num_select",
     "num_feature_levels", "enc_n_points", "dec_n_points", "num_results", "num_classes", "train_scales", "max_size",
     "val_scale", "crop_resize_scales", "crop_size", "world_size",

@@ -26,7 +26,7 @@ from models.builder import adopt_state_dict_flags, resolve_num_classes
 from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, check_checkpoint_file, checkpoint_state,
                              finished_epochs, is_url, load_checkpoint, load_pretrained_weights, restore_checkpoint,
                              save_checkpoint, strip_ddp_prefix)
-from util.config import parse_args, save_config
+from util.config import given_flags, parse_args, save_config
 from util.device import resolve_device
 from util.distributed import get_rank, init_distributed_mode, is_main_process
 from util.ema import ModelEMA
@@ -49,6 +49,7 @@ def main(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
 
     checkpoint = load_resumed_checkpoint(args, logger)
+    resolve_eval_batch_size(args, checkpoint, logger)
     dataset_val = build_dataset("val", args)
     dataset_train = None if args.eval else build_dataset("train", args)
     dataset = dataset_val if dataset_train is None else dataset_train
@@ -85,7 +86,7 @@ def main(args: argparse.Namespace) -> None:
     sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
                    else SequentialSampler(dataset_val))
     loader_kwargs = {"collate_fn": collate_fn, "num_workers": args.num_workers, "pin_memory": device.type == "cuda"}
-    data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False, **loader_kwargs)
+    data_loader_val = DataLoader(dataset_val, args.eval_batch_size, sampler=sampler_val, drop_last=False, **loader_kwargs)
     base_ds = get_coco_api_from_dataset(dataset_val)
     debug_iters = 10 if args.debug else None
 
@@ -113,7 +114,8 @@ def main(args: argparse.Namespace) -> None:
         test_stats, _ = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device, amp=args.amp,
                                  max_iters=debug_iters, results_file=results_file, logger=logger)
         log_line({**{f"test_{k}": v for k, v in test_stats.items()},
-                  "epoch": checkpoint.get("epoch") if checkpoint else None, "n_parameters": n_parameters})
+                  "epoch": checkpoint.get("epoch") if checkpoint else None, "n_parameters": n_parameters,
+                  "eval_batch_size": args.eval_batch_size})
         logger.info(f"AP {test_stats['coco_eval_bbox'][0]:.4f}")
         return
 
@@ -151,7 +153,8 @@ def main(args: argparse.Namespace) -> None:
         epoch_time = time.time() - epoch_start
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
-                     "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time}
+                     "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time,
+                     "eval_batch_size": args.eval_batch_size}
         log_line(log_stats)
         if writer is not None:
             for name, value in train_stats.items():
@@ -192,6 +195,26 @@ def prepare_output_dir(args: argparse.Namespace) -> Optional[Path]:
     if args.overwrite_output_dir and not (args.resume or args.eval) and is_main_process():
         (output_dir / "log.txt").unlink(missing_ok=True)
     return output_dir
+
+
+def resolve_eval_batch_size(args: argparse.Namespace, checkpoint: Optional[dict], logger) -> None:
+    """Set ``args.eval_batch_size`` when not given: with ``--eval`` a given ``--batch_size`` (the original
+    authors' evaluation command passes ``--batch_size 1``), else what the checkpoint's training run evaluated
+    with (its ``eval_batch_size``, or its ``batch_size`` for checkpoints that predate the flag), else
+    ``--batch_size``. The AP of a checkpoint is reproduced only at the batch size it was measured with."""
+    if args.eval_batch_size is not None:
+        return
+    recorded = (checkpoint or {}).get("args") or {}
+    recorded = vars(recorded) if isinstance(recorded, argparse.Namespace) else recorded
+    if args.eval and "batch_size" in given_flags(args, get_args_parser()):
+        args.eval_batch_size, source = args.batch_size, "--batch_size"
+    elif recorded.get("eval_batch_size") is not None:
+        args.eval_batch_size, source = recorded["eval_batch_size"], f"the evaluations of {args.resume}"
+    elif "batch_size" in recorded:
+        args.eval_batch_size, source = recorded["batch_size"], f"the training batch size of {args.resume}"
+    else:
+        args.eval_batch_size, source = args.batch_size, "--batch_size"
+    logger.info(f"Evaluation batch size {args.eval_batch_size} (from {source})")
 
 
 def load_resumed_checkpoint(args: argparse.Namespace, logger) -> Optional[dict]:

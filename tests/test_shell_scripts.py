@@ -62,6 +62,6 @@ def test_eval_released_runs_outside_the_venv_with_one_image_per_batch(synthetic_
                             cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     settings = json.loads((out / "config.json").read_text())
-    assert settings["batch_size"] == 1
+    assert settings["batch_size"] == 1 and settings["eval_batch_size"] == 1
     logged = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert len(logged) == 1 and len(logged[0]["test_coco_eval_bbox"]) == 12
