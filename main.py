@@ -24,7 +24,8 @@ from engine import evaluate, train_one_epoch
 from models import build_model
 from models.builder import adopt_state_dict_flags, resolve_num_classes
 from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, checkpoint_state, load_checkpoint,
-                             load_pretrained_weights, restore_checkpoint, save_checkpoint, strip_ddp_prefix)
+                             load_pretrained_weights, remove_temp_files, restore_checkpoint, save_checkpoint,
+                             strip_ddp_prefix)
 from util.config import parse_args, save_config
 from util.device import resolve_device
 from util.distributed import get_rank, init_distributed_mode, is_main_process
@@ -125,6 +126,10 @@ def main(args: argparse.Namespace) -> None:
                   "epoch": checkpoint.get("epoch") if checkpoint else None, "n_parameters": n_parameters})
         logger.info(f"AP {test_stats['coco_eval_bbox'][0]:.4f}")
         return
+
+    if output_dir is not None and is_main_process():
+        for path in remove_temp_files(output_dir):
+            logger.info(f"Removed {path}, left by an interrupted checkpoint write")
 
     sampler_train = (DistributedSampler(dataset_train) if args.distributed else RandomSampler(dataset_train))
     batch_sampler_train = BatchSampler(sampler_train, args.batch_size, drop_last=True)

@@ -100,6 +100,7 @@ def test_kill_while_saving_never_leaves_a_broken_checkpoint(synthetic_coco, tmp_
         assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0
         resume = ["--resume", str(out / "checkpoint.pth")]
     run_main(*flags, *resume)
+    assert not any(out.glob(".checkpoint.pth.*.tmp"))  # the killed write's temporary file was removed
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
     assert read_log(out)[-1]["epoch"] == 1
 
