@@ -28,7 +28,7 @@ from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, check
                              strip_ddp_prefix)
 from util.config import parse_args, save_config
 from util.device import resolve_device
-from util.distributed import get_rank, init_distributed_mode, is_main_process
+from util.distributed import all_gather, get_rank, init_distributed_mode, is_main_process
 from util.ema import ModelEMA
 from util.logger import setup_logger
 from util.misc import collate_fn
@@ -138,6 +138,46 @@ def main(args: argparse.Namespace) -> None:
                          "of this process: no full batch to train on")
     data_loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train, **loader_kwargs)
 
+    def save_state(epoch: int, file_names, **progress) -> None:
+        """The checkpoint of the last trained ``epoch`` with ``progress``, written by the main process."""
+        if output_dir is None or not is_main_process():
+            return
+        state = {**checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, ema), **progress}
+        for file_name in file_names:
+            save_checkpoint(state, output_dir / file_name)
+
+    def epoch_logged(epoch: int) -> bool:
+        """Whether log.txt has ``epoch``'s training line (read by the main process, which writes it)."""
+        log_file = output_dir / "log.txt" if output_dir is not None else None
+        logged = (is_main_process() and log_file is not None and log_file.exists()
+                  and any(entry.get("epoch") == epoch and "train_loss" in entry
+                          for entry in map(json.loads, log_file.read_text().splitlines())))
+        return all_gather(logged)[0]
+
+    def evaluate_and_log(epoch: int, train_stats: dict, train_time: float) -> None:
+        eval_start = time.time()
+        results_file = output_dir / "results" / f"epoch{epoch:04}.json" if args.save_results and output_dir else None
+        test_stats, _ = evaluate(evaluated_model, criterion, postprocessors, data_loader_val, base_ds, device,
+                                 amp=args.amp, max_iters=debug_iters, results_file=results_file, logger=logger)
+        epoch_time = train_time + time.time() - eval_start
+        log_line({**{f"train_{k}": v for k, v in train_stats.items()},
+                  **{f"test_{k}": v for k, v in test_stats.items()},
+                  "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time})
+        if writer is not None:
+            for name, value in train_stats.items():
+                writer.add_scalar(f"train/{name}", value, epoch)
+            for name, value in zip(COCO_STAT_NAMES, test_stats["coco_eval_bbox"]):
+                writer.add_scalar(f"test/{name}", value, epoch)
+            writer.add_scalar("test/loss", test_stats["loss"], epoch)
+            writer.flush()
+        evaluated = "" if ema is None else " (EMA weights)"
+        logger.info(f"Epoch {epoch} done in {epoch_time:.1f}s: AP{evaluated} {test_stats['coco_eval_bbox'][0]:.4f}")
+
+    # checkpoint.pth is written after an epoch's training (with its train_stats) and before its evaluation.
+    if checkpoint is not None and "train_stats" in checkpoint and not epoch_logged(checkpoint["epoch"]):
+        logger.info(f"Epoch {checkpoint['epoch']} was trained but not evaluated: evaluating it first")
+        evaluate_and_log(checkpoint["epoch"], checkpoint["train_stats"], checkpoint["train_time"])
+
     logger.info(f"Start training: epochs {args.start_epoch}..{args.epochs - 1}, {len(data_loader_train)} batches of "
                 f"{args.batch_size} per epoch and process, {args.accumulation_steps} per optimizer step")
     start_time = time.time()
@@ -148,34 +188,15 @@ def main(args: argparse.Namespace) -> None:
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
                                       args.clip_max_norm, scaler=scaler, amp=args.amp, max_iters=debug_iters,
                                       logger=logger, accumulation_steps=args.accumulation_steps, ema=ema)
+        train_time = time.time() - epoch_start
+        progress = {"train_stats": train_stats, "train_time": train_time}
         lr_drop_epoch = (epoch + 1) % args.lr_drop == 0
-        if lr_drop_epoch and output_dir is not None and is_main_process():
-            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, ema)
-            save_checkpoint(state, output_dir / f"checkpoint{epoch:04}_beforedrop.pth")
+        if lr_drop_epoch:
+            save_state(epoch, [f"checkpoint{epoch:04}_beforedrop.pth"], **progress)
         lr_scheduler.step()
-        if output_dir is not None and is_main_process():
-            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, ema)
-            save_checkpoint(state, output_dir / "checkpoint.pth")
-            if lr_drop_epoch or (epoch + 1) % args.save_checkpoint_interval == 0:
-                save_checkpoint(state, output_dir / f"checkpoint{epoch:04}.pth")
-
-        results_file = output_dir / "results" / f"epoch{epoch:04}.json" if args.save_results and output_dir else None
-        test_stats, _ = evaluate(evaluated_model, criterion, postprocessors, data_loader_val, base_ds, device,
-                                 amp=args.amp, max_iters=debug_iters, results_file=results_file, logger=logger)
-        epoch_time = time.time() - epoch_start
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in test_stats.items()},
-                     "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time}
-        log_line(log_stats)
-        if writer is not None:
-            for name, value in train_stats.items():
-                writer.add_scalar(f"train/{name}", value, epoch)
-            for name, value in zip(COCO_STAT_NAMES, test_stats["coco_eval_bbox"]):
-                writer.add_scalar(f"test/{name}", value, epoch)
-            writer.add_scalar("test/loss", test_stats["loss"], epoch)
-            writer.flush()
-        evaluated = "" if ema is None else " (EMA weights)"
-        logger.info(f"Epoch {epoch} done in {epoch_time:.1f}s: AP{evaluated} {test_stats['coco_eval_bbox'][0]:.4f}")
+        interval_epoch = lr_drop_epoch or (epoch + 1) % args.save_checkpoint_interval == 0
+        save_state(epoch, ["checkpoint.pth"] + ([f"checkpoint{epoch:04}.pth"] if interval_epoch else []), **progress)
+        evaluate_and_log(epoch, train_stats, train_time)
 
     if writer is not None:
         writer.close()
