@@ -5,6 +5,7 @@ import logging
 
 from models.registry import MODELS
 from util.optim import ADAMW_IMPLEMENTATIONS
+from util.preemption import signal_name
 
 COCO_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 
@@ -148,6 +149,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                         help="mixed precision: float16 autocast + GradScaler on CUDA, bfloat16 autocast on CPU")
     parser.add_argument("--find_unused_params", action="store_true")
+    parser.add_argument("--preempt_signal", type=signal_name, default="USR1",
+                        help="signal (name) on which training stops at the next step boundary and writes a "
+                             "checkpoint.pth that resumes at that step (Slurm: #SBATCH --signal, see "
+                             "scripts/slurm_train.sh)")
 
     # distributed
     parser.add_argument("--world_size", type=int, default=1)
