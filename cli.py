@@ -11,6 +11,7 @@ from models.registry import MODELS
 from util.checkpoint import CheckpointError
 from util.config import ConfigError
 from util.optim import ADAMW_IMPLEMENTATIONS
+from util.preemption import signal_name
 
 COCO_TRAIN_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 # What a user can cause and fix: a missing file or folder, a checkpoint that cannot be used, a bad config file
@@ -77,7 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adamw_impl", default="fused", choices=sorted(ADAMW_IMPLEMENTATIONS),
                         help="AdamW's implementation: fused (default; about 3x faster steps on a CPU), foreach or "
                              "for-loop (identical to each other; fused differs from them by float rounding only)")
-    parser.add_argument("--save_checkpoint_interval", type=int, default=10)
+    parser.add_argument("--save_checkpoint_interval", type=int, default=10,
+                        help="besides checkpoint.pth (every epoch), keep checkpointNNNN.pth every this many epochs "
+                             "and at the lr drop (with checkpointNNNN_beforedrop.pth); 0: checkpoint.pth only")
     parser.add_argument("--clip_max_norm", type=float, default=0.1, help="gradient clipping max norm (0: off)")
     parser.add_argument("--accumulation_steps", type=int, default=1,
                         help="gradient accumulation: micro-batches of --batch_size per optimizer step")
@@ -181,6 +184,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                         help="mixed precision: float16 autocast + GradScaler on CUDA, bfloat16 autocast on CPU")
     parser.add_argument("--find_unused_params", action="store_true")
+    parser.add_argument("--preempt_signal", type=signal_name, default="USR1",
+                        help="signal (name) on which training stops at the next step boundary and writes a "
+                             "checkpoint.pth that resumes at that step (Slurm: #SBATCH --signal, see "
+                             "scripts/slurm_train.sh)")
 
     # distributed
     parser.add_argument("--world_size", type=int, default=1)
@@ -192,12 +199,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # Integer flags (or lists of them) whose values must be >= 1, and >= 0; None, where allowed, is not checked.
 POSITIVE_INT_FLAGS = (
-    "scalar", "batch_size", "eval_batch_size", "lr_drop", "save_checkpoint_interval", "accumulation_steps", "pe_temperatureH",
+    "scalar", "batch_size", "eval_batch_size", "lr_drop", "accumulation_steps", "pe_temperatureH",
     "pe_temperatureW", "dec_layers", "dim_feedforward", "hidden_dim", "nheads", "num_queries", "num_select",
     "num_feature_levels", "enc_n_points", "dec_n_points", "num_results", "num_classes", "train_scales", "max_size",
     "val_scale", "crop_resize_scales", "crop_size", "world_size",
 )
-NON_NEGATIVE_INT_FLAGS = ("num_patterns", "ema_warmup_steps", "enc_layers", "num_workers", "start_epoch")
+NON_NEGATIVE_INT_FLAGS = ("save_checkpoint_interval", "num_patterns", "ema_warmup_steps", "enc_layers", "num_workers",
+                          "start_epoch")
 
 
 def check_flag_values(args: argparse.Namespace) -> None:

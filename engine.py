@@ -3,7 +3,7 @@ import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
@@ -117,12 +117,16 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, max_norm: float = 0,
                     scaler: Optional[torch.amp.GradScaler] = None, amp: bool = False, max_iters: Optional[int] = None,
                     print_freq: int = 10, logger=None, accumulation_steps: int = 1,
-                    ema: Optional[ModelEMA] = None) -> Dict[str, float]:
+                    ema: Optional[ModelEMA] = None, start_step: int = 0,
+                    stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
     """Train for one epoch; returns the epoch averages of every logged meter and ``optimizer_steps``.
 
     Every ``accumulation_steps`` batches (micro-batches) of ``data_loader`` make one optimizer step: each
     one's loss is divided by the number of micro-batches of its step, so the accumulated gradient is their
     mean; a last, incomplete group steps with what it has. ``ema`` is updated after every optimizer step.
+
+    A resumed epoch passes ``start_step``, the number of batches already trained, and a ``data_loader`` of the
+    remaining batches. ``stop`` is called after every optimizer step; True ends the epoch there (pre-emption).
 
     Raises :class:`NonFiniteLossError` naming the epoch, step and loss terms if the loss (averaged
     over processes, so every process stops together) is not finite, or if the predictions to be matched
@@ -137,10 +141,11 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     header = f"Epoch: [{epoch}]"
-    num_batches = len(data_loader) if max_iters is None else min(len(data_loader), max_iters)
+    num_batches = start_step + len(data_loader)
+    num_batches = num_batches if max_iters is None else min(num_batches, max_iters)
     optimizer_steps = 0
     progress = metric_logger.log_every(data_loader, print_freq, header, logger=logger, meters=TRAIN_PROGRESS_METERS)
-    for step, (samples, targets) in enumerate(progress):
+    for step, (samples, targets) in enumerate(progress, start=start_step):
         group_start = step - step % accumulation_steps
         group_size = min(accumulation_steps, num_batches - group_start)
         last_of_group = step == group_start + group_size - 1
@@ -167,6 +172,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                 ema.update(model)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if max_iters is not None and step + 1 >= max_iters:  # --debug: a few iterations only
+            break
+        if last_of_group and stop is not None and stop():
             break
 
     metric_logger.synchronize_between_processes()

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from cli import check_flag_values, exit_on_user_errors, get_args_parser, warn_ignored_flags
@@ -24,15 +24,16 @@ from engine import evaluate, train_one_epoch
 from models import build_model
 from models.builder import adopt_state_dict_flags, resolve_num_classes
 from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, check_checkpoint_file, checkpoint_state,
-                             finished_epochs, is_url, load_checkpoint, load_pretrained_weights, restore_checkpoint,
-                             save_checkpoint, strip_ddp_prefix)
+                             finished_epochs, is_url, load_checkpoint, load_pretrained_weights, remove_temp_files,
+                             restore_checkpoint, save_checkpoint, strip_ddp_prefix)
 from util.config import given_flags, parse_args, save_config
 from util.device import resolve_device
-from util.distributed import get_rank, init_distributed_mode, is_main_process
+from util.distributed import all_gather, get_rank, get_world_size, init_distributed_mode, is_main_process
 from util.ema import ModelEMA
 from util.logger import setup_logger
 from util.misc import collate_fn
 from util.optim import build_lr_scheduler, build_optimizer
+from util.preemption import StopOnSignal, merge_train_stats, rng_state, set_rng_state
 
 __all__ = ["get_args_parser", "main"]  # the parser lives in cli.py; main.py re-exports it (the DETR convention)
 
@@ -86,7 +87,9 @@ def main(args: argparse.Namespace) -> None:
     sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
                    else SequentialSampler(dataset_val))
     loader_kwargs = {"collate_fn": collate_fn, "num_workers": args.num_workers, "pin_memory": device.type == "cuda"}
-    data_loader_val = DataLoader(dataset_val, args.eval_batch_size, sampler=sampler_val, drop_last=False, **loader_kwargs)
+    # Its own generator: evaluating draws nothing from the global random stream, which training continues.
+    data_loader_val = DataLoader(dataset_val, args.eval_batch_size, sampler=sampler_val, drop_last=False,
+                                 generator=torch.Generator(), **loader_kwargs)
     base_ds = get_coco_api_from_dataset(dataset_val)
     debug_iters = 10 if args.debug else None
 
@@ -119,43 +122,51 @@ def main(args: argparse.Namespace) -> None:
         logger.info(f"AP {test_stats['coco_eval_bbox'][0]:.4f}")
         return
 
-    sampler_train = (DistributedSampler(dataset_train) if args.distributed else RandomSampler(dataset_train))
+    if output_dir is not None and is_main_process():
+        for path in remove_temp_files(output_dir):
+            logger.info(f"Removed {path}, left by an interrupted checkpoint write")
+    stop_request = StopOnSignal(args.preempt_signal)
+
+    # The batch order and the loader's seed depend on --seed, the rank and the epoch only, so that a resumed
+    # epoch continues with the batches it had not trained yet.
+    sampler_train = DistributedSampler(dataset_train, num_replicas=get_world_size(), rank=get_rank(), seed=args.seed)
     batch_sampler_train = BatchSampler(sampler_train, args.batch_size, drop_last=True)
     if len(batch_sampler_train) == 0:
         raise SystemExit(f"--batch_size {args.batch_size} is larger than the {len(dataset_train)} training images "
                          "of this process: no full batch to train on")
-    data_loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train, **loader_kwargs)
+    num_batches = len(batch_sampler_train) if debug_iters is None else min(len(batch_sampler_train), debug_iters)
+    loader_generator = torch.Generator()
 
-    logger.info(f"Start training: epochs {args.start_epoch}..{args.epochs - 1}, {len(data_loader_train)} batches of "
-                f"{args.batch_size} per epoch and process, {args.accumulation_steps} per optimizer step")
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        epoch_start = time.time()
-        if args.distributed:
-            sampler_train.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
-                                      args.clip_max_norm, scaler=scaler, amp=args.amp, max_iters=debug_iters,
-                                      logger=logger, accumulation_steps=args.accumulation_steps, ema=ema)
-        lr_drop_epoch = (epoch + 1) % args.lr_drop == 0
-        if lr_drop_epoch and output_dir is not None and is_main_process():
-            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, ema)
-            save_checkpoint(state, output_dir / f"checkpoint{epoch:04}_beforedrop.pth")
-        lr_scheduler.step()
-        if output_dir is not None and is_main_process():
-            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, ema)
-            save_checkpoint(state, output_dir / "checkpoint.pth")
-            if lr_drop_epoch or (epoch + 1) % args.save_checkpoint_interval == 0:
-                save_checkpoint(state, output_dir / f"checkpoint{epoch:04}.pth")
+    def train_loader(epoch: int, start_step: int) -> DataLoader:
+        sampler_train.set_epoch(epoch)
+        loader_generator.manual_seed(int(np.random.SeedSequence([args.seed, get_rank(), epoch]).generate_state(1)[0]))
+        batches = batch_sampler_train if start_step == 0 else list(batch_sampler_train)[start_step:]
+        return DataLoader(dataset_train, batch_sampler=batches, generator=loader_generator, **loader_kwargs)
 
+    def save_state(epoch: int, file_names, **progress) -> None:
+        """The checkpoint of the last trained ``epoch`` with every process's random streams and ``progress``."""
+        rng_states = all_gather(rng_state(device))
+        if output_dir is None or not is_main_process():
+            return
+        state = {**checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, ema),
+                 "rng_states": rng_states, **progress}
+        for file_name in file_names:
+            save_checkpoint(state, output_dir / file_name)
+
+    def epoch_logged(epoch: int) -> bool:
+        """Whether log.txt has ``epoch``'s training line (read by the main process, which writes it)."""
+        return all_gather(is_main_process() and epoch in logged_training_epochs(output_dir))[0]
+
+    def evaluate_and_log(epoch: int, train_stats: dict, train_time: float) -> None:
+        eval_start = time.time()
         results_file = output_dir / "results" / f"epoch{epoch:04}.json" if args.save_results and output_dir else None
         test_stats, _ = evaluate(evaluated_model, criterion, postprocessors, data_loader_val, base_ds, device,
                                  amp=args.amp, max_iters=debug_iters, results_file=results_file, logger=logger)
-        epoch_time = time.time() - epoch_start
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in test_stats.items()},
-                     "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time,
-                     "eval_batch_size": args.eval_batch_size}
-        log_line(log_stats)
+        epoch_time = train_time + time.time() - eval_start
+        log_line({**{f"train_{k}": v for k, v in train_stats.items()},
+                  **{f"test_{k}": v for k, v in test_stats.items()},
+                  "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time,
+                  "eval_batch_size": args.eval_batch_size})
         if writer is not None:
             for name, value in train_stats.items():
                 writer.add_scalar(f"train/{name}", value, epoch)
@@ -165,6 +176,60 @@ def main(args: argparse.Namespace) -> None:
             writer.flush()
         evaluated = "" if ema is None else " (EMA weights)"
         logger.info(f"Epoch {epoch} done in {epoch_time:.1f}s: AP{evaluated} {test_stats['coco_eval_bbox'][0]:.4f}")
+
+    # checkpoint.pth is written after an epoch's training (with its train_stats) and before its evaluation,
+    # or when a signal stops the run inside an epoch (epoch_in_progress: its batches done and their stats).
+    start_step, partial = 0, None
+    if checkpoint is not None:
+        restore_rng_states(checkpoint, device, logger)
+        if "train_stats" in checkpoint and not epoch_logged(checkpoint["epoch"]):
+            logger.info(f"Epoch {checkpoint['epoch']} was trained but not evaluated: evaluating it first")
+            evaluate_and_log(checkpoint["epoch"], checkpoint["train_stats"], checkpoint["train_time"])
+        partial = checkpoint.get("epoch_in_progress")
+        if partial is not None and (partial["epoch"], partial["num_batches"]) == (args.start_epoch, num_batches):
+            start_step = partial["step"]
+            logger.info(f"Resuming epoch {args.start_epoch} at batch {start_step}/{num_batches}")
+        elif partial is not None:
+            logger.warning(f"The checkpoint stopped in epoch {partial['epoch']} after batch {partial['step']}/"
+                           f"{partial['num_batches']}; this run starts epoch {args.start_epoch} with its first batch")
+
+    logger.info(f"Start training: epochs {args.start_epoch}..{args.epochs - 1}, {len(batch_sampler_train)} batches "
+                f"of {args.batch_size} per epoch and process, {args.accumulation_steps} per optimizer step")
+    stopped = f"Stopped by SIG{args.preempt_signal}"
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if stop_request.requested():
+            logger.info(f"{stopped} before epoch {epoch}")
+            break
+        epoch_start = time.time()
+        train_stats = train_one_epoch(model, criterion, train_loader(epoch, start_step), optimizer, device, epoch,
+                                      args.clip_max_norm, scaler=scaler, amp=args.amp, max_iters=debug_iters,
+                                      logger=logger, accumulation_steps=args.accumulation_steps, ema=ema,
+                                      start_step=start_step, stop=stop_request)
+        train_time = time.time() - epoch_start
+        batches_done = min(start_step + train_stats["optimizer_steps"] * args.accumulation_steps, num_batches)
+        if start_step > 0:
+            train_stats = merge_train_stats(partial["train_stats"], start_step, train_stats, batches_done - start_step)
+            train_time += partial["train_time"]
+        if stop_request.stopped and batches_done < num_batches:
+            save_state(epoch - 1, ["checkpoint.pth"], epoch_in_progress={
+                "epoch": epoch, "step": batches_done, "num_batches": num_batches, "train_stats": train_stats,
+                "train_time": train_time})
+            logger.info(f"{stopped} in epoch {epoch} after batch {batches_done}/{num_batches}")
+            break
+        start_step = 0
+        progress = {"train_stats": train_stats, "train_time": train_time}
+        lr_drop_epoch = (epoch + 1) % args.lr_drop == 0
+        keep_copies = args.save_checkpoint_interval > 0  # 0: checkpoint.pth only
+        if lr_drop_epoch and keep_copies:
+            save_state(epoch, [f"checkpoint{epoch:04}_beforedrop.pth"], **progress)
+        lr_scheduler.step()
+        interval_epoch = keep_copies and (lr_drop_epoch or (epoch + 1) % args.save_checkpoint_interval == 0)
+        save_state(epoch, ["checkpoint.pth"] + ([f"checkpoint{epoch:04}.pth"] if interval_epoch else []), **progress)
+        if stop_request.requested():
+            logger.info(f"{stopped} after training epoch {epoch}; it is evaluated when the run resumes")
+            break
+        evaluate_and_log(epoch, train_stats, train_time)
 
     if writer is not None:
         writer.close()
@@ -240,14 +305,39 @@ def load_resumed_checkpoint(args: argparse.Namespace, logger) -> Optional[dict]:
 
 def check_epochs_left(args: argparse.Namespace, checkpoint: Optional[dict]) -> None:
     """A training run must have epochs to train: ``--epochs`` beyond the epochs the resumed checkpoint
-    finished, else beyond ``--start_epoch``."""
+    finished, else beyond ``--start_epoch``; or the checkpoint's last epoch still to evaluate (a run that
+    stopped between its training and its log line)."""
     finished = None if checkpoint is None else finished_epochs(checkpoint)
     if args.eval or args.epochs > (args.start_epoch if finished is None else finished):
         return
     if finished is None:
         raise SystemExit(f"--epochs {args.epochs} leaves nothing to train (--start_epoch {args.start_epoch})")
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if "train_stats" in checkpoint and checkpoint["epoch"] not in logged_training_epochs(output_dir):
+        return  # its last epoch was trained but not evaluated: the run evaluates it
     raise SystemExit(f"{args.resume} already finished epoch {finished - 1} ({finished} epochs), so --epochs "
                      f"{args.epochs} leaves nothing to train: pass --epochs greater than {finished} to continue it")
+
+
+def logged_training_epochs(output_dir: Optional[Path]) -> set:
+    """The epochs that ``output_dir/log.txt`` has a training line for (none without the file)."""
+    log_file = output_dir / "log.txt" if output_dir is not None else None
+    if log_file is None or not log_file.exists():
+        return set()
+    entries = map(json.loads, log_file.read_text().splitlines())
+    return {entry.get("epoch") for entry in entries if "train_loss" in entry}
+
+
+def restore_rng_states(checkpoint: dict, device: torch.device, logger) -> None:
+    """Continue the random streams saved in a resumed checkpoint (exact resume), if it has this process's."""
+    states = checkpoint.get("rng_states")
+    if states is None:
+        return
+    if len(states) != get_world_size():
+        logger.warning(f"The checkpoint holds the random streams of {len(states)} processes, this run has "
+                       f"{get_world_size()}: they start afresh")
+        return
+    set_rng_state(states[get_rank()], device)
 
 
 def start_ema(args: argparse.Namespace, model: torch.nn.Module, checkpoint: Optional[dict], logger) -> Optional[ModelEMA]:

@@ -28,6 +28,6 @@ val_scale = 112
 crop_resize_scales = [80, 96, 112]
 crop_size = [64, 96]
 num_workers = 1
-# The demo and its follow-ups (plot, inference, export) need checkpoint.pth only: no periodic numbered
-# copies of it (about 150 MB each); main.py still writes the two of the lr drop.
-save_checkpoint_interval = 1000
+# The demo and its follow-ups (plot, inference, export) need checkpoint.pth only: no numbered copies of
+# it (about 150 MB each), also none at the lr drop.
+save_checkpoint_interval = 0

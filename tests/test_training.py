@@ -101,6 +101,7 @@ def test_kill_while_saving_never_leaves_a_broken_checkpoint(synthetic_coco, tmp_
         assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0
         resume = ["--resume", str(out / "checkpoint.pth")]
     run_main(*flags, *resume)
+    assert not any(out.glob(".checkpoint.pth.*.tmp"))  # the killed write's temporary file was removed
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
     assert read_log(out)[-1]["epoch"] == 1
 
@@ -281,3 +282,11 @@ def test_dino_variant_trains_then_eval_resume_and_inference_reproduce_it(synthet
                            "--device", "cpu"]) == 0
     detections = json.loads((tmp_path / "detections" / "detections.json").read_text())
     assert len(detections) == 12 * 12  # untrained enough: all of min(--num_results 300, K * C) scores > 0
+
+
+def test_checkpoint_interval_zero_keeps_checkpoint_pth_only(synthetic_coco, tmp_path):
+    """The demo's setting: no numbered copies, also none at the lr drop."""
+    out = tmp_path / "run"
+    run_main(*tiny_main_flags(synthetic_coco, out, "--epochs", "1", "--lr_drop", "1",
+                              "--save_checkpoint_interval", "0"))
+    assert sorted(path.name for path in out.glob("*.pth")) == ["checkpoint.pth"]

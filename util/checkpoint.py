@@ -3,7 +3,8 @@
 Writing (:func:`save_checkpoint`): the file is written under a temporary name in the target folder,
 flushed and fsync'ed, then renamed onto the final name (``os.replace`` is atomic on POSIX and Windows),
 so a crash or ``kill -9`` at any moment leaves either the previous complete file or the new complete
-file. ``args`` is stored as a plain dict, loadable without unpickling any class.
+file, plus at worst the temporary file, which :func:`remove_temp_files` deletes when the next run starts.
+``args`` is stored as a plain dict, loadable without unpickling any class.
 
 Reading (:func:`load_checkpoint`): ``torch.load(weights_only=True)``, i.e. no code from the file is ever
 imported or run. Besides tensors, numbers, strings and containers, the only class allowed is
@@ -32,6 +33,9 @@ CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
 
 PathLike = Union[str, os.PathLike]
 ZIP_MAGIC = b"PK\x03\x04"  # the start of a torch.save file; the legacy format is a pickle, starting with PROTO
+
+# The names of temp_path_for: .<target name>.<pid>.<8 hex digits>.tmp
+TEMP_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
 
 
 class CheckpointError(RuntimeError):
@@ -81,6 +85,11 @@ def args_to_dict(args: Union[argparse.Namespace, Mapping[str, Any]]) -> dict:
     return {str(k): _plain(v) for k, v in args.items()}
 
 
+def temp_path_for(path: Path) -> Path:
+    """A new temporary name in ``path``'s folder for writing ``path`` (matches ``TEMP_NAME``)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
     """Write ``state`` to ``path`` atomically (see module doc); ``state["args"]`` is saved as a plain dict."""
     path = Path(path)
@@ -88,7 +97,7 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
     if state.get("args") is not None:
         state["args"] = args_to_dict(state["args"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    temp_path = temp_path_for(path)
     try:
         fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
@@ -100,6 +109,15 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
         temp_path.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def remove_temp_files(directory: PathLike) -> List[Path]:
+    """Delete the temporary files of checkpoint writes into ``directory`` that were interrupted (``kill -9``);
+    call it only while nothing writes checkpoints there. Returns the deleted files."""
+    removed = [path for path in Path(directory).iterdir() if TEMP_NAME.fullmatch(path.name) and path.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def _fsync_directory(directory: Path) -> None:
