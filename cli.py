@@ -181,6 +181,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval", action="store_true", help="evaluate only")
     parser.add_argument("--save_results", action="store_true", help="write detections as COCO results JSON")
     parser.add_argument("--debug", action="store_true", help="run a few iterations per epoch only")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for training and evaluation (graphs that fail to compile "
+                             "run eagerly, with a warning); the first steps take minutes to compile")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                         help="mixed precision: float16 autocast + GradScaler on CUDA, bfloat16 autocast on CPU")
     parser.add_argument("--find_unused_params", action="store_true")

@@ -9,6 +9,7 @@ import torch
 
 from datasets.coco_eval import CocoEvaluator
 from models.matcher import NonFinitePredictionError
+from util.compile import unwrap_compiled
 from util.distributed import is_main_process, reduce_dict
 from util.ema import ModelEMA
 from util.metric_logger import MetricLogger, SmoothedValue
@@ -108,6 +109,7 @@ def compute_losses(criterion: torch.nn.Module, outputs, targets, epoch: int, ste
 def gradient_sync(model: torch.nn.Module, synchronise: bool):
     """Context of a micro-batch's forward and backward: under DDP, gradients are all-reduced only when
     ``synchronise`` (the last micro-batch before an optimizer step); the others accumulate locally."""
+    model = unwrap_compiled(model)
     if synchronise or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return nullcontext()
     return model.no_sync()

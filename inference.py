@@ -48,6 +48,7 @@ from datasets.transforms import make_coco_transforms
 from engine import autocast
 from model_loading import load_model_for_inference
 from util.checkpoint import CheckpointError
+from util.compile import compile_model
 from util.config import parse_args
 from util.device import resolve_device
 from util.logger import setup_logger
@@ -177,6 +178,8 @@ def load_model(args: argparse.Namespace, logger):
     device = resolve_device(args.device)
     model.to(device)
     logger.info(f"Running on {device}")
+    if args.compile:
+        model = compile_model(model, logger)
     return model, postprocessor, device
 
 

@@ -26,6 +26,7 @@ from models.builder import adopt_state_dict_flags, resolve_num_classes
 from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, check_checkpoint_file, checkpoint_state,
                              finished_epochs, is_url, load_checkpoint, load_pretrained_weights, remove_temp_files,
                              restore_checkpoint, save_checkpoint, strip_ddp_prefix)
+from util.compile import compile_model
 from util.config import given_flags, parse_args, save_config
 from util.device import resolve_device
 from util.distributed import all_gather, get_rank, get_world_size, init_distributed_mode, is_main_process
@@ -77,6 +78,8 @@ def main(args: argparse.Namespace) -> None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                           find_unused_parameters=args.find_unused_params)
         model_without_ddp = model.module
+    if args.compile:
+        model = compile_model(model, logger)  # forward passes only: checkpoints hold model_without_ddp
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     logger.info(f"{args.modelname}: {n_parameters:,} trainable parameters, denoising {'on' if args.use_dn else 'off'}")
 

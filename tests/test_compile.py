@@ -4,6 +4,9 @@ Compiling a whole tiny model with its backward takes one to three minutes per mo
 C++ compilation of the generated kernels): those tests are marked ``slow`` and run only with
 ``RUN_SLOW_TESTS=1`` in the environment. The attention test (about 15 s) runs by default.
 """
+import json
+import logging
+import math
 import os
 
 import pytest
@@ -11,9 +14,13 @@ import torch
 import torch._dynamo
 import torch._inductor.config as inductor_config
 
+from cli import get_args_parser
+from main import main
 from models import build_model
 from models.attention import MultiheadAttentionNoInProj
-from tests.model_utils import random_images, random_targets, tiny_args
+from tests.model_utils import random_images, random_targets, tiny_args, tiny_main_flags
+from util.compile import compile_model, unwrap_compiled
+from util.config import parse_args
 
 MODELS = ["dn_dab_detr", "dn_dab_deformable_detr"]
 slow = pytest.mark.skipif(os.environ.get("RUN_SLOW_TESTS") != "1",
@@ -111,3 +118,38 @@ def test_compiled_model_outputs_losses_and_gradients_equal_eager(modelname):
     for name, gradient in eager_gradients.items():
         error = (compiled_gradients[name] - gradient).norm().item()
         assert error <= 2e-3 * gradient.norm().item() + 1e-6, f"{name}: |difference| {error:.2e}"
+
+
+def failing_backend(graph_module, example_inputs):
+    raise RuntimeError("this backend cannot compile anything")
+
+
+def test_a_graph_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
+    """--compile's fallback: the compiler error is reported and the model computes what it computes eagerly."""
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)  # restored after the test
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_args("dn_dab_detr"))
+    model.eval()
+    images = random_images([(64, 80)], generator=torch.Generator().manual_seed(0))
+    compiled = compile_model(model, logging.getLogger("test"), backend=failing_backend)
+    assert unwrap_compiled(compiled) is model
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        outputs = compiled(images)
+        expected = model(images)
+    torch.testing.assert_close(outputs["pred_logits"], expected["pred_logits"], rtol=0, atol=0)
+    assert "this backend cannot compile anything" in caplog.text
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@slow
+def test_main_trains_and_evaluates_with_compile(synthetic_coco, tmp_path, monkeypatch):
+    """main.py --compile: one epoch of a tiny model and its evaluation, compiled (minutes on a small CPU)."""
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    torch._dynamo.reset()
+    out = tmp_path / "run"
+    main(parse_args(get_args_parser(), tiny_main_flags(synthetic_coco, out, "--epochs", "1", "--compile")))
+    logged = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert len(logged["test_coco_eval_bbox"]) == 12 and math.isfinite(logged["train_loss"])
+    torch._dynamo.reset()

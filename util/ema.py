@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from util.compile import unwrap_compiled
+
 
 class ModelEMA:
     """``module`` is an eval-mode copy of the model holding the averaged weights (no gradients).
@@ -67,5 +69,6 @@ def _tensors(module: nn.Module):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper, else the model."""
+    """The model inside a torch.compile and a DistributedDataParallel wrapper, else the model."""
+    model = unwrap_compiled(model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
