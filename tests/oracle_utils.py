@@ -1,5 +1,8 @@
 """Helpers shared by the spec-oracle equivalence tests: inputs, parameter randomisation, running a model and
 its oracle side by side, and the comparisons every model's equivalence test makes."""
+import json
+import os
+
 import torch
 
 from engine import weighted_loss
@@ -56,12 +59,26 @@ def oracle_params(model, dtype):
     return params
 
 
+def report_difference(what, diff, expected, dtype):
+    """With ``ORACLE_REPORT=FILE`` in the environment, append the largest absolute and relative difference of
+    each comparison to FILE as a JSON line (how the closing notes quote "the largest differences found")."""
+    report = os.environ.get("ORACLE_REPORT")
+    if not report or not diff.numel():
+        return
+    relative = diff / expected.abs().clamp(min=1e-12)
+    with open(report, "a") as f:
+        f.write(json.dumps({"what": what, "dtype": str(dtype), "max_abs": diff.max().item(),
+                            "max_rel": relative.max().item(), "max_abs_expected": expected.abs().max().item()}) + "\n")
+
+
 def assert_close(actual, expected, what, atol):
+    dtype = torch.as_tensor(actual).dtype
     actual = torch.as_tensor(actual).detach().double()
     expected = torch.as_tensor(expected).detach().double()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs oracle {tuple(expected.shape)}"
     diff = (actual - expected).abs()
     bound = atol + atol * expected.abs()
+    report_difference(what, diff, expected, dtype)
     if actual.numel() and not bool((diff <= bound).all()):
         worst = int(torch.argmax(diff - bound))
         raise AssertionError(f"{what}: model differs from the spec oracle, max |diff| {diff.max():.3e} "
