@@ -1,16 +1,15 @@
 """COCO evaluation: exact AP values computed independently, empty predictions, results export and the
 merge across real gloo processes."""
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from datasets.coco import load_coco_annotations
 from datasets.coco_eval import CocoEvaluator
+from tests.process_utils import run_forked
 
 IOU_THRESHOLDS = [0.5 + 0.05 * i for i in range(10)]
 
@@ -211,15 +210,7 @@ def test_merge_across_gloo_processes_matches_single_process(synthetic_coco, tmp_
     assert 0.2 < reference_stats[0] < 0.95
 
     world_size = 2
-    # fork: the children inherit the imported modules instead of importing torch again (CPU-only test).
-    context = mp.start_processes(_distributed_worker, nprocs=world_size, join=False, start_method="fork",
-                                 args=(world_size, str(ann_file), str(tmp_path / "rendezvous"), str(tmp_path)))
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("distributed evaluation workers did not finish within 120 s")
+    run_forked(_distributed_worker, world_size, (world_size, str(ann_file), str(tmp_path / "rendezvous"), str(tmp_path)))
     for rank in range(world_size):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         np.testing.assert_allclose(result["stats"], reference_stats, atol=1e-12)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tests.model_utils import tiny_main_flags
+from tests.process_utils import run_forked
 from tests.test_training import read_log, run_main, start_main
 from util.checkpoint import load_checkpoint
 from util.preemption import StopOnSignal
@@ -129,14 +129,7 @@ def _agree(rank: int, rendezvous: str, out_dir: str) -> None:
 
 def test_processes_agree_on_the_step_to_stop_at(tmp_path):
     """Only process 1 receives the signal (before its 4th call); both stop at the 6th call, the next agreement."""
-    context = mp.start_processes(_agree, nprocs=2, join=False, start_method="fork",
-                                 args=(str(tmp_path / "rendezvous"), str(tmp_path)))
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the processes did not finish within 120 s")
+    run_forked(_agree, 2, (str(tmp_path / "rendezvous"), str(tmp_path)))
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     expected = [False, False, False, False, False, True, False]
     assert [r["answers"] for r in results] == [expected, expected]

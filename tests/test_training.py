@@ -182,29 +182,30 @@ def test_too_few_classes_for_the_dataset_is_a_clear_error(synthetic_coco, tmp_pa
     assert result.returncode != 0 and "--num_classes 5 is too small" in result.stderr
 
 
-def test_non_finite_loss_stops_naming_epoch_step_and_terms():
-    model, criterion, _ = build_model(tiny_args("dn_dab_detr", "--use_dn"))
+def infinite_class_loss_weight(model, criterion):
     criterion.weight_dict["loss_ce"] = float("inf")
-    images = nested_tensor_from_tensor_list([torch.randn(3, 64, 80), torch.randn(3, 80, 64)])
-    loader = [(images, random_targets([2, 1]))]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    before = model.input_proj.weight.clone()
-    with pytest.raises(NonFiniteLossError, match=r"loss is inf at epoch 3, step 0.*loss_ce"):
-        train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), epoch=3)
-    assert torch.equal(model.input_proj.weight, before)  # no update was applied
 
 
-def test_non_finite_predictions_stop_before_any_update():
-    model, criterion, _ = build_model(tiny_args("dn_dab_detr", "--use_dn"))
+def nan_class_logits(model, criterion):
     with torch.no_grad():
         model.class_embed.bias.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (infinite_class_loss_weight, r"loss is inf at epoch 3, step 0.*loss_ce"),
+    (nan_class_logits, r"predictions are not finite at epoch 3, step 0: .*no earlier step"),
+], ids=["loss", "predictions"])
+def test_non_finite_loss_or_predictions_stop_before_any_update(corrupt, message):
+    """Named with the epoch, step and loss terms; NaN predictions are found by the matcher."""
+    model, criterion, _ = build_model(tiny_args("dn_dab_detr", "--use_dn"))
+    corrupt(model, criterion)
     images = nested_tensor_from_tensor_list([torch.randn(3, 64, 80), torch.randn(3, 80, 64)])
     loader = [(images, random_targets([2, 1]))]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     before = model.input_proj.weight.clone()
-    with pytest.raises(NonFiniteLossError, match=r"predictions are not finite at epoch 3, step 0: .*no earlier step"):
+    with pytest.raises(NonFiniteLossError, match=message):
         train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), epoch=3)
-    assert torch.equal(model.input_proj.weight, before)
+    assert torch.equal(model.input_proj.weight, before)  # no update was applied
 
 
 def test_divergence_stops_at_the_matcher_naming_epoch_step_and_last_terms():
