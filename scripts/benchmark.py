@@ -92,7 +92,6 @@ def get_benchmark_parser() -> argparse.ArgumentParser:
     group.add_argument("--threads", type=int, default=None,
                        help="CPU intra-op threads (torch.set_num_threads; default: PyTorch's choice); fewer "
                             "threads than cores avoids oversubscription when the CPU is shared")
-    group.add_argument("--compile", action="store_true", help="torch.compile the model (eager if that fails)")
     group.add_argument("--profile", action="store_true", help="profile training steps, print the top ops")
     group.add_argument("--profile_steps", type=int, default=3, help="training steps under the profiler")
     group.add_argument("--profile_rows", type=int, default=20, help="operators listed per profiler table")
