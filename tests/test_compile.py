@@ -7,7 +7,6 @@ C++ compilation of the generated kernels): those tests are marked ``slow`` and r
 import json
 import logging
 import math
-import os
 
 import pytest
 import torch
@@ -23,8 +22,6 @@ from util.compile import compile_model, unwrap_compiled
 from util.config import parse_args
 
 MODELS = ["dn_dab_detr", "dn_dab_deformable_detr"]
-slow = pytest.mark.skipif(os.environ.get("RUN_SLOW_TESTS") != "1",
-                          reason="slow (compiles a model, minutes on a small CPU): set RUN_SLOW_TESTS=1")
 
 
 def flat_tensors(tree, prefix=""):
@@ -81,7 +78,6 @@ def test_compiled_attention_with_masks_trains_like_eager():
 
 
 @pytest.mark.slow
-@slow
 @pytest.mark.parametrize("modelname", MODELS)
 def test_compiled_model_outputs_losses_and_gradients_equal_eager(modelname):
     """A training forward with denoising, the losses and the backward of the compiled model against eager on
@@ -143,7 +139,6 @@ def test_a_graph_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
 
 
 @pytest.mark.slow
-@slow
 def test_main_trains_and_evaluates_with_compile(synthetic_coco, tmp_path, monkeypatch):
     """main.py --compile: one epoch of a tiny model and its evaluation, compiled (minutes on a small CPU)."""
     monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
