@@ -8,7 +8,6 @@ are in docs/results/finetune_vs_scratch.
 """
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +26,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_KEYS = {"class_embed.weight", "class_embed.bias", "label_enc.weight"}
-slow = pytest.mark.skipif(os.environ.get("RUN_SLOW_TESTS") != "1",
-                          reason="slow (trains three models, minutes on a small CPU): set RUN_SLOW_TESTS=1")
 PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 10, 4
 # Fine-tuned minus from-scratch AP after FINETUNE_EPOCHS (COCO AP as a fraction: 0.01 is one AP point).
 MIN_AP_GAIN = 0.01
@@ -108,7 +105,6 @@ def train_synthetic(coco_path: Path, output_dir: Path, epochs: int, *flags: str)
 
 
 @pytest.mark.slow
-@slow
 def test_finetuning_on_other_categories_beats_training_from_scratch(tmp_path):
     """Pre-train on the six shapes, then learn three of them as categories 1..3 (other ids, other count):
     starting from the pre-trained weights gives a clearly higher AP after the same few epochs."""
