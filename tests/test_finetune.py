@@ -2,8 +2,8 @@
 tensors, --resume refuses a class-count mismatch, --eval infers the class count of a checkpoint without one;
 and fine-tuning on a second synthetic set with other categories beats training it from scratch.
 
-The fine-tuning comparison trains three small models (about 3 minutes on an idle 2-core CPU): it is marked
-``slow`` and runs only with ``RUN_SLOW_TESTS=1`` in the environment. The logs of one run and its AP per epoch
+The fine-tuning comparison trains three small models (8.5 minutes on a 2-core CPU shared with another
+training): it is marked ``slow`` and runs only with ``RUN_SLOW_TESTS=1`` in the environment. The logs of one run and its AP per epoch
 are in docs/results/finetune_vs_scratch.
 """
 import json
