@@ -23,9 +23,9 @@ from datasets.coco_eval import COCO_STAT_NAMES
 from engine import evaluate, train_one_epoch
 from models import build_model
 from models.builder import adopt_state_dict_flags, resolve_num_classes
-from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, check_checkpoint_file, checkpoint_state,
-                             finished_epochs, is_url, load_checkpoint, load_pretrained_weights, remove_temp_files,
-                             restore_checkpoint, save_checkpoint, strip_ddp_prefix)
+from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, args_to_dict, check_checkpoint_file,
+                             checkpoint_state, finished_epochs, is_url, load_checkpoint, load_pretrained_weights,
+                             remove_temp_files, restore_checkpoint, save_checkpoint, strip_ddp_prefix)
 from util.compile import compile_model
 from util.config import given_flags, parse_args, save_config
 from util.device import resolve_device
@@ -272,8 +272,7 @@ def resolve_eval_batch_size(args: argparse.Namespace, checkpoint: Optional[dict]
     ``--batch_size``. The AP of a checkpoint is reproduced only at the batch size it was measured with."""
     if args.eval_batch_size is not None:
         return
-    recorded = (checkpoint or {}).get("args") or {}
-    recorded = vars(recorded) if isinstance(recorded, argparse.Namespace) else recorded
+    recorded = args_to_dict((checkpoint or {}).get("args") or {})
     if args.eval and "batch_size" in given_flags(args, get_args_parser()):
         args.eval_batch_size, source = args.batch_size, "--batch_size"
     elif recorded.get("eval_batch_size") is not None:
@@ -295,10 +294,10 @@ def load_resumed_checkpoint(args: argparse.Namespace, logger) -> Optional[dict]:
         checkpoint = load_checkpoint(args.resume) if args.resume else None
         check_epochs_left(args, checkpoint)
         if checkpoint is not None:
-            adopt_checkpoint_model_args(args, checkpoint.get("args"), get_args_parser(), args.resume, logger)
+            defaults = get_args_parser()
+            adopt_checkpoint_model_args(args, checkpoint.get("args"), defaults, args.resume, logger)
             if "model" in checkpoint:
-                adopt_state_dict_flags(args, strip_ddp_prefix(checkpoint["model"]), get_args_parser(), args.resume,
-                                       logger)
+                adopt_state_dict_flags(args, strip_ddp_prefix(checkpoint["model"]), defaults, args.resume, logger)
             # The checkpoint replaces every weight: skip the ImageNet download.
             args.no_pretrained_backbone = True
     except CheckpointError as error:

@@ -31,12 +31,16 @@ from util.device import resolve_device  # noqa: E402
 from util.misc import collate_fn  # noqa: E402
 
 
-def size_grouped_batches(dataset, batch_size: int) -> List[List[int]]:
-    """Indices of ``dataset`` in batches whose images share one size after the transforms (no padding)."""
+def image_sizes(dataset) -> List[tuple]:
+    """``(H, W)`` of every image of ``dataset`` after the transforms (each image decoded once)."""
+    return [tuple(dataset[index][0].shape[-2:]) for index in range(len(dataset))]
+
+
+def size_grouped_batches(sizes: List[tuple], batch_size: int) -> List[List[int]]:
+    """Image indices in batches whose images share one size (no padding)."""
     by_size: Dict[tuple, List[int]] = defaultdict(list)
-    for index in range(len(dataset)):
-        image, _ = dataset[index]
-        by_size[tuple(image.shape[-2:])].append(index)
+    for index, size in enumerate(sizes):
+        by_size[size].append(index)
     return [indices[i:i + batch_size] for indices in by_size.values() for i in range(0, len(indices), batch_size)]
 
 
@@ -62,14 +66,15 @@ def main() -> None:
     _, criterion, postprocessors = build_model(args)  # the criterion of the checkpoint's settings
     model.to(device)
     dataset = build_dataset("val", args)
+    sizes = image_sizes(dataset)
 
     results = []
     for batch_size in args.batch_sizes:
         in_order = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
         for layout, batches in (("dataset order (padding)", in_order),
-                                ("grouped by size (no padding)", size_grouped_batches(dataset, batch_size))):
+                                ("grouped by size (no padding)", size_grouped_batches(sizes, batch_size))):
             ap = evaluate_ap(model, criterion, postprocessors, dataset, batches, device, logger)
-            padded = sum(len({tuple(dataset[i][0].shape[-2:]) for i in batch}) > 1 for batch in batches)
+            padded = sum(len({sizes[i] for i in batch}) > 1 for batch in batches)
             results.append({"batch_size": batch_size, "layout": layout, "batches": len(batches),
                             "batches_with_padding": padded, "coco_eval_bbox": ap})
             print(f"batch {batch_size:>3}  {layout:<30} AP {100 * ap[0]:.2f}  AP50 {100 * ap[1]:.2f}  "
