@@ -38,15 +38,19 @@ class DNConfig:
     # --scalar at or above this value is a query budget instead of a group count: groups = scalar // group
     # height (at least 1), and a batch without objects gets one empty group. None: always --scalar groups.
     dynamic_groups_from: Optional[int] = None
+    # --no-dn_attn_mask (a research ablation): no self-attention mask at all, so the matching queries see the
+    # noised ground truth of the denoising groups and the groups see each other.
+    attention_mask: bool = True
 
     @classmethod
     def from_args(cls, args, **options) -> "DNConfig":
         """The settings of the command line (``--scalar``, ``--label_noise_scale``, ``--box_noise_scale`` and,
-        where the parser has them, ``--contrastive``, ``--cdn_split_per_image``) and the ``options`` a model
-        fixes (``corner_noise``, ``dynamic_groups_from``)."""
+        where the parser has them, ``--contrastive``, ``--cdn_split_per_image``, ``--dn_attn_mask``) and the
+        ``options`` a model fixes (``corner_noise``, ``dynamic_groups_from``)."""
         return cls(num_groups=args.scalar, label_noise_scale=args.label_noise_scale,
                    box_noise_scale=args.box_noise_scale, contrastive=getattr(args, "contrastive", False),
-                   negatives_per_image=getattr(args, "cdn_split_per_image", False), **options)
+                   negatives_per_image=getattr(args, "cdn_split_per_image", False),
+                   attention_mask=getattr(args, "dn_attn_mask", True), **options)
 
     def __post_init__(self):
         if self.num_groups < 1:
@@ -271,7 +275,11 @@ def prepare_for_dn(targets: Optional[List[Dict[str, torch.Tensor]]], dn_config: 
     content[batch_idx, query_idx] = dn_content
     anchors[batch_idx, query_idx] = dn_anchors.to(anchors.dtype)
 
-    attn_mask = dn_attention_mask(pad_size, group_size, num_matching, device) if pad_size > 0 else None
+    attn_mask = None
+    if pad_size > 0:
+        attn_mask = dn_attention_mask(pad_size, group_size, num_matching, device)
+        if not dn_config.attention_mask:
+            attn_mask = torch.zeros_like(attn_mask)  # nothing blocked: every query sees every other one
     meta = DNMeta(pad_size=pad_size, group_size=group_size, num_groups=num_groups, labels=labels, boxes=boxes,
                   noised_labels=noised_labels, noised_boxes=noised_boxes, batch_idx=batch_idx, query_idx=query_idx,
                   negative=negative, positive_idx=positive_idx)

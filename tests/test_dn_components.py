@@ -165,6 +165,17 @@ def test_batch_without_objects_has_no_denoising_queries():
     assert all(v.item() == 0 and not v.requires_grad for v in losses.values())
 
 
+def test_without_the_attention_mask_nothing_is_blocked():
+    targets = random_targets([2, 1])
+    masked, *_ = _prepare(targets, DNConfig(3))
+    unmasked, *_ = _prepare(targets, DNConfig(3, attention_mask=False))
+    assert masked.attn_mask.any() and masked.attn_mask.shape == unmasked.attn_mask.shape == (11, 11)
+    assert not unmasked.attn_mask.any()
+    assert torch.equal(masked.content, unmasked.content) and torch.equal(masked.anchors, unmasked.anchors)
+    args = argparse.Namespace(scalar=3, label_noise_scale=0.2, box_noise_scale=0.4, dn_attn_mask=False)
+    assert DNConfig.from_args(args).attention_mask is False
+
+
 def test_without_config_only_matching_queries():
     queries, _, content, anchors = _prepare(random_targets([2]), None, batch_size=3)
     assert queries.dn_meta is None and queries.attn_mask is None

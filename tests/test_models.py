@@ -72,6 +72,26 @@ def test_batch_without_objects_trains_with_zero_dn_losses(modelname):
 
 
 @pytest.mark.parametrize("modelname", MODELS)
+def test_attention_mask_hides_the_denoising_queries_from_matching_unless_switched_off(modelname):
+    """With the mask, the matching queries' outputs do not depend on the ground truth fed to the denoising
+    queries; ``--no-dn_attn_mask`` (the paper's mask ablation) lets it leak into them."""
+    images = random_images(SIZES, torch.Generator().manual_seed(1))
+    first, second = (random_targets([3, 1], generator=torch.Generator().manual_seed(s)) for s in (2, 3))
+
+    def matching_outputs(targets, *flags):
+        torch.manual_seed(0)
+        model, _, _ = build_model(tiny_args(modelname, "--use_dn", *flags))
+        model.train()
+        torch.manual_seed(4)  # the same noise draws for both target sets
+        outputs = model(images, targets)
+        return torch.cat([outputs["pred_logits"], outputs["pred_boxes"]], dim=-1)  # boxes alone: anchors at init
+
+    assert torch.allclose(matching_outputs(first), matching_outputs(second), atol=1e-6)
+    leaked = (matching_outputs(first, "--no-dn_attn_mask") - matching_outputs(second, "--no-dn_attn_mask")).abs()
+    assert leaked.max() > 1e-4
+
+
+@pytest.mark.parametrize("modelname", MODELS)
 def test_inference_ignores_targets_and_dn(modelname):
     torch.manual_seed(0)
     model, criterion, postprocessors = build_model(tiny_args(modelname, "--use_dn"))
