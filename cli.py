@@ -43,6 +43,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scalar", type=int, default=5, help="number of denoising groups")
     parser.add_argument("--label_noise_scale", type=float, default=0.2, help="label flip probability")
     parser.add_argument("--box_noise_scale", type=float, default=0.4, help="box noise scale lambda")
+    parser.add_argument("--dn_attn_mask", action=argparse.BooleanOptionalAction, default=True,
+                        help="the self-attention mask between the matching part and the denoising groups; "
+                             "--no-dn_attn_mask is a research ablation that lets the matching queries see the "
+                             "noised ground truth (and the groups each other)")
     parser.add_argument("--num_patterns", type=int, default=0, help="pattern embeddings (dn_dab_detr)")
     parser.add_argument("--random_refpoints_xy", action=argparse.BooleanOptionalAction, default=False,
                         help="initialise anchor x,y uniformly at random (they still train, as officially)")
@@ -81,6 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_checkpoint_interval", type=int, default=10,
                         help="besides checkpoint.pth (every epoch), keep checkpointNNNN.pth every this many epochs "
                              "and at the lr drop (with checkpointNNNN_beforedrop.pth); 0: checkpoint.pth only")
+    parser.add_argument("--instability_probe", type=int, default=0, metavar="N",
+                        help="after every epoch, match the first N training images (evaluation transforms) and log "
+                             "the matching instability IS as train_matching_instability[_per_object] (0: off)")
     parser.add_argument("--clip_max_norm", type=float, default=0.1, help="gradient clipping max norm (0: off)")
     parser.add_argument("--accumulation_steps", type=int, default=1,
                         help="gradient accumulation: micro-batches of --batch_size per optimizer step")
@@ -208,7 +215,7 @@ POSITIVE_INT_FLAGS = (
     "val_scale", "crop_resize_scales", "crop_size", "world_size",
 )
 NON_NEGATIVE_INT_FLAGS = ("save_checkpoint_interval", "num_patterns", "ema_warmup_steps", "enc_layers", "num_workers",
-                          "start_epoch")
+                          "start_epoch", "instability_probe")
 
 
 def check_flag_values(args: argparse.Namespace) -> None:
