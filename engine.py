@@ -1,9 +1,9 @@
-"""One training epoch and one COCO evaluation pass."""
+"""One training epoch, one COCO evaluation pass and the matching probe of the instability measure."""
 import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -12,6 +12,7 @@ from models.matcher import NonFinitePredictionError
 from util.compile import unwrap_compiled
 from util.distributed import is_main_process, reduce_dict
 from util.ema import ModelEMA
+from util.matching_instability import assignment_from_matches
 from util.metric_logger import MetricLogger, SmoothedValue
 
 
@@ -223,3 +224,24 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(coco_evaluator.results()))
     return stats, coco_evaluator
+
+
+@torch.no_grad()
+def probe_matching(model: torch.nn.Module, matcher: torch.nn.Module, data_loader: Iterable, device: torch.device,
+                   amp: bool = False) -> Tuple[torch.Tensor, List[int]]:
+    """The final decoder layer's Hungarian assignment of the matching queries on every image of ``data_loader``
+    (evaluation mode, so no denoising queries): ``[N, num_queries]`` int64, the matched object of each query or
+    -1 (see :mod:`util.matching_instability`), and the number of objects of each image."""
+    was_training = model.training
+    model.eval()
+    assignments, num_objects = [], []
+    for samples, targets in data_loader:
+        targets = move_targets(targets, device)
+        with autocast(device, amp):
+            outputs = model(samples.to(device, non_blocking=True))
+        matches = matcher({"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}, targets)
+        assignments.append(assignment_from_matches(matches, outputs["pred_logits"].shape[1]))
+        num_objects += [len(t["labels"]) for t in targets]
+    model.train(was_training)
+    return torch.cat(assignments), num_objects
+

@@ -14,13 +14,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 
 from cli import check_flag_values, exit_on_user_errors, get_args_parser, warn_ignored_flags
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco_eval import COCO_STAT_NAMES
-from engine import evaluate, train_one_epoch
+from engine import evaluate, probe_matching, train_one_epoch
 from models import build_model
 from models.builder import adopt_state_dict_flags, resolve_num_classes
 from util.checkpoint import (CheckpointError, adopt_checkpoint_model_args, args_to_dict, check_checkpoint_file,
@@ -32,9 +32,10 @@ from util.device import resolve_device
 from util.distributed import all_gather, get_rank, get_world_size, init_distributed_mode, is_main_process
 from util.ema import ModelEMA
 from util.logger import setup_logger
+from util.matching_instability import matching_instability
 from util.misc import collate_fn
 from util.optim import build_lr_scheduler, build_optimizer
-from util.preemption import StopOnSignal, merge_train_stats, rng_state, set_rng_state
+from util.preemption import StopOnSignal, merge_train_stats, preserved_rng_state, rng_state, set_rng_state
 
 __all__ = ["get_args_parser", "main"]  # the parser lives in cli.py; main.py re-exports it (the DETR convention)
 
@@ -146,6 +147,20 @@ def main(args: argparse.Namespace) -> None:
         batches = batch_sampler_train if start_step == 0 else list(batch_sampler_train)[start_step:]
         return DataLoader(dataset_train, batch_sampler=batches, generator=loader_generator, **loader_kwargs)
 
+    # --instability_probe: the matching of the probe images after the last trained epoch (before the first
+    # epoch: the initial model's), against which the next epoch's instability is measured.
+    probe_loader = build_probe_loader(args, loader_kwargs) if args.instability_probe else None
+    probe_assignment = None if checkpoint is None else checkpoint.get("matching_probe_assignment")
+
+    def probe():
+        """The probe's matching; every random stream is left as it was (the resize of the evaluation transforms
+        draws from Python's), so that measuring leaves training unchanged."""
+        with preserved_rng_state(device):
+            return probe_matching(model_without_ddp, criterion.matcher, probe_loader, device, args.amp)
+
+    if probe_loader is not None and probe_assignment is None and checkpoint is None and args.start_epoch == 0:
+        probe_assignment, _ = probe()
+
     def save_state(epoch: int, file_names, **progress) -> None:
         """The checkpoint of the last trained ``epoch`` with every process's random streams and ``progress``."""
         rng_states = all_gather(rng_state(device))
@@ -153,6 +168,8 @@ def main(args: argparse.Namespace) -> None:
             return
         state = {**checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, ema),
                  "rng_states": rng_states, **progress}
+        if probe_assignment is not None:
+            state["matching_probe_assignment"] = probe_assignment
         for file_name in file_names:
             save_checkpoint(state, output_dir / file_name)
 
@@ -163,8 +180,9 @@ def main(args: argparse.Namespace) -> None:
     def evaluate_and_log(epoch: int, train_stats: dict, train_time: float) -> None:
         eval_start = time.time()
         results_file = output_dir / "results" / f"epoch{epoch:04}.json" if args.save_results and output_dir else None
-        test_stats, _ = evaluate(evaluated_model, criterion, postprocessors, data_loader_val, base_ds, device,
-                                 amp=args.amp, max_iters=debug_iters, results_file=results_file, logger=logger)
+        with preserved_rng_state(device):  # training continues the same whether this epoch is evaluated now or on resume
+            test_stats, _ = evaluate(evaluated_model, criterion, postprocessors, data_loader_val, base_ds, device,
+                                     amp=args.amp, max_iters=debug_iters, results_file=results_file, logger=logger)
         epoch_time = train_time + time.time() - eval_start
         log_line({**{f"train_{k}": v for k, v in train_stats.items()},
                   **{f"test_{k}": v for k, v in test_stats.items()},
@@ -221,6 +239,11 @@ def main(args: argparse.Namespace) -> None:
             logger.info(f"{stopped} in epoch {epoch} after batch {batches_done}/{num_batches}")
             break
         start_step = 0
+        if probe_loader is not None:
+            assignment, num_objects = probe()
+            if probe_assignment is not None:
+                train_stats.update(matching_instability(probe_assignment, assignment, num_objects))
+            probe_assignment = assignment
         progress = {"train_stats": train_stats, "train_time": train_time}
         lr_drop_epoch = (epoch + 1) % args.lr_drop == 0
         keep_copies = args.save_checkpoint_interval > 0  # 0: checkpoint.pth only
@@ -237,6 +260,17 @@ def main(args: argparse.Namespace) -> None:
     if writer is not None:
         writer.close()
     logger.info(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start_time))}")
+
+
+def build_probe_loader(args: argparse.Namespace, loader_kwargs: dict) -> DataLoader:
+    """The first ``--instability_probe`` training images, with the evaluation transforms (the same input every
+    epoch), in a fixed order; its own generator leaves the training random stream untouched."""
+    dataset = build_dataset("train", args, transforms_of="val")
+    if args.instability_probe > len(dataset):
+        raise SystemExit(f"--instability_probe {args.instability_probe} exceeds the {len(dataset)} training images "
+                         f"of {args.coco_path}")
+    return DataLoader(Subset(dataset, range(args.instability_probe)), args.eval_batch_size, shuffle=False,
+                      generator=torch.Generator(), **loader_kwargs)
 
 
 def check_output_dir(args: argparse.Namespace) -> None:

@@ -1,5 +1,6 @@
 """Datasets: COCO-format detection data, the DETR augmentations, COCO evaluation and a synthetic COCO generator."""
 from pathlib import Path
+from typing import Optional
 
 from torch.utils.data import Subset
 
@@ -18,8 +19,9 @@ def coco_split_paths(coco_path, image_set: str):
     return root / folder, root / "annotations" / f"instances_{folder}.json"
 
 
-def build_dataset(image_set: str, args) -> CocoDetection:
-    """The ``image_set`` split of ``--coco_path`` with the DETR transforms built from ``args``."""
+def build_dataset(image_set: str, args, transforms_of: Optional[str] = None) -> CocoDetection:
+    """The ``image_set`` split of ``--coco_path`` with the DETR transforms built from ``args``: those of
+    ``image_set``, or of ``transforms_of`` when given (e.g. training images with the evaluation transforms)."""
     if args.dataset_file != "coco":
         raise DatasetError(f"--dataset_file {args.dataset_file!r} is not supported; only 'coco' (any COCO-format folder)")
     if args.coco_path is None:
@@ -29,7 +31,7 @@ def build_dataset(image_set: str, args) -> CocoDetection:
         raise FileNotFoundError(f"--coco_path {root} is not a folder: expected a COCO-format folder with "
                                 "train2017/, val2017/ and annotations/instances_{train,val}2017.json")
     img_folder, ann_file = coco_split_paths(root, image_set)
-    return CocoDetection(img_folder, ann_file, transforms=make_coco_transforms(image_set, args))
+    return CocoDetection(img_folder, ann_file, transforms=make_coco_transforms(transforms_of or image_set, args))
 
 
 def get_coco_api_from_dataset(dataset):

@@ -12,9 +12,12 @@ Exact resume also needs the random streams where they were: :func:`rng_state` ca
 NumPy, torch CPU and the current CUDA device) for the checkpoint, :func:`set_rng_state` restores them.
 With ``--num_workers 0`` the augmentations draw from these streams and a resumed run continues bit for bit;
 loader worker processes seed their own streams per epoch, so a resume inside an epoch gives the remaining
-batches the same images in the same order but other random augmentations.
+batches the same images in the same order but other random augmentations. Work between epochs that may draw
+from them (the evaluation transforms, the matching probe) runs under :func:`preserved_rng_state`, so a run
+resumed from the checkpoint written before that work continues exactly too.
 """
 import argparse
+import contextlib
 import random
 import signal
 from typing import Dict, Mapping
@@ -98,6 +101,16 @@ def set_rng_state(state: Mapping[str, object], device: torch.device) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextlib.contextmanager
+def preserved_rng_state(device: torch.device):
+    """Run a block without moving this process's random streams: what follows draws as if it had not run."""
+    state = rng_state(device)
+    try:
+        yield
+    finally:
+        set_rng_state(state, device)
 
 
 def merge_train_stats(first: Mapping[str, float], first_batches: int, second: Mapping[str, float],
