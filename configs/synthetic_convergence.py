@@ -1,6 +1,5 @@
-# The DN-vs-baseline convergence experiment (scripts/convergence.py): the demo's model, trained longer.
-# scripts/convergence.py runs it once with --use_dn and once with --no-use_dn.
+# The DN-vs-baseline experiments (scripts/convergence.py, scripts/ablate.py): the demo's model and schedule,
+# plus the matching-instability probe on 50 training images after every epoch. The scripts set --use_dn,
+# --epochs, --lr_drop and --seed per run.
 _base_ = "synthetic.py"
-epochs = 40
-lr_drop = 32
-save_checkpoint_interval = 100
+instability_probe = 50

@@ -3,6 +3,7 @@
     python scripts/plot_curves.py outputs/dn_run outputs/baseline_run --out curves.png
     python scripts/plot_curves.py outputs/*/ --out curves.png --fields AP AP50 loss tgt_loss_bbox
     python scripts/plot_curves.py outputs/dn_run outputs/baseline_run --table
+    python scripts/plot_curves.py --merged docs/results/convergence/epochs.json --out curves.png --fields AP matching_instability
 
 Each argument is a run folder (its ``log.txt`` is read) or a log file. Fields: the COCO numbers
 ``AP AP50 AP75 APs APm APl AR1 AR10 AR100 ARs ARm ARl`` (from ``test_coco_eval_bbox``, plotted in percent),
@@ -13,6 +14,8 @@ names the run folders.
 ``--table`` prints a markdown table of a COCO number (``--table_metric``, default AP, in percent) per
 epoch and run. When an epoch appears in several lines (an ``--eval`` line, a restarted run), its later
 lines' values win.
+``--merged`` plots the per-epoch JSON of an experiment script (``convergence.py``, ``ablate.py``): one line
+per arm, its mean over the seeds with a band of plus or minus one standard deviation.
 """
 import argparse
 import json
@@ -155,6 +158,42 @@ def plot_runs(runs: Sequence[Run], fields: Sequence[str], out: Path) -> None:
     plt.close(figure)
 
 
+def plot_bands(arms: Dict[str, dict], fields: Sequence[str], out: Path) -> None:
+    """Like :func:`plot_runs` for the per-epoch means of experiment arms: ``arms[name]`` holds ``epochs`` and,
+    per field, ``mean`` and ``std`` lists (as ``scripts/experiment.py`` merges them); each arm is drawn as its
+    mean with a band of one standard deviation. Arms without a field are left out of its subplot."""
+    for field in fields:
+        if not any(field in arm for arm in arms.values()):
+            raise LogError(f"--fields {field}: no arm has it (arm fields: "
+                           f"{' '.join(sorted(set().union(*arms.values()) - {'epochs'}))})")
+    rows, columns = figure_grid(len(fields))
+    figure, axes = plt.subplots(rows, columns, squeeze=False, dpi=DPI,
+                                figsize=(columns * SUBPLOT_SIZE_INCHES[0], rows * SUBPLOT_SIZE_INCHES[1]))
+    for ax, field in zip(axes.flat, fields):
+        scale = 100 if field in COCO_STAT_NAMES else 1
+        for index, (name, arm) in enumerate(arms.items()):
+            if field not in arm:
+                continue
+            color = [c / 255 for c in palette_color(index)]
+            mean = [scale * v for v in arm[field]["mean"]]
+            std = [scale * v for v in arm[field]["std"]]
+            runs = len(arm[field].get("runs", [])) or 1
+            ax.plot(arm["epochs"], mean, color=color, label=f"{name} (n={runs})")
+            ax.fill_between(arm["epochs"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=color, alpha=0.2, linewidth=0)
+        ax.set_title(f"{field} (%), mean ± std" if scale == 100 else f"{field}, mean ± std")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes.flat[len(fields):]:
+        ax.set_visible(False)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=DPI)
+    plt.close(figure)
+
+
 def markdown_table(runs: Sequence[Run], metric: str = "AP") -> str:
     """``| epoch | run1 | run2 |`` rows of ``metric`` in percent with one decimal; ``-`` where a run lacks it."""
     values = [run.values(metric) for run in runs]
@@ -166,10 +205,21 @@ def markdown_table(runs: Sequence[Run], metric: str = "AP") -> str:
     return f"{metric} (%) per epoch\n\n" + "\n".join(lines)
 
 
+def read_merged(path: Path) -> Dict[str, dict]:
+    """The ``arms`` of an experiment's per-epoch JSON."""
+    try:
+        arms = json.loads(path.read_text())["arms"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise LogError(f"{path}: not an experiment's per-epoch JSON with an 'arms' entry ({error})") from None
+    return arms
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("scripts/plot_curves.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_LOG", help="run folders or log.txt files")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR_OR_LOG", help="run folders or log.txt files")
+    parser.add_argument("--merged", type=Path, default=None,
+                        help="per-epoch JSON of an experiment script (its 'arms'): plot seed means with bands")
     parser.add_argument("--out", type=Path, default=None, help="PNG file to write the curves to")
     parser.add_argument("--fields", nargs="+", default=DEFAULT_FIELDS, help="what to plot, one subplot each")
     parser.add_argument("--table", action="store_true", help="print a markdown table of --table_metric per epoch")
@@ -180,6 +230,17 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = get_parser()
     args = parser.parse_args(argv)
+    if args.merged is not None:
+        if args.runs or args.table or args.out is None:
+            parser.error("--merged plots an experiment's JSON: give --out FILE.png, and no run folders or --table")
+        try:
+            plot_bands(read_merged(args.merged), args.fields, args.out)
+        except LogError as error:
+            raise SystemExit(f"plot_curves.py: error: {error}") from None
+        print(f"wrote {args.out}")
+        return
+    if not args.runs:
+        parser.error("give run folders or log files (or --merged FILE)")
     if args.out is None and not args.table:
         parser.error("nothing to do: give --out FILE.png and/or --table")
     try:

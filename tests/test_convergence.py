@@ -1,10 +1,13 @@
-"""scripts/convergence.py: two real (tiny) training runs, with and without denoising, and their summary."""
+"""scripts/convergence.py and scripts/ablate.py: real (tiny) seeded training runs, their records, summaries,
+tables and figures, and resumption from the records alone."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.model_utils import TINY_MODEL_FLAGS
@@ -12,54 +15,153 @@ from tests.model_utils import TINY_MODEL_FLAGS
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import convergence  # noqa: E402
+import experiment  # noqa: E402
 
 TINY_RUN_FLAGS = ["-m", "dn_dab_detr", *TINY_MODEL_FLAGS, "--train_scales", "64", "80", "--max_size", "128",
                   "--val_scale", "96", "--crop_resize_scales", "64", "80", "--crop_size", "48", "64",
-                  "--batch_size", "2", "--num_workers", "0", "--device", "cpu"]
+                  "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--instability_probe", "4"]
 
 
-class Run:
-    def __init__(self, name, aps):
-        self.name, self.aps = name, aps
-
-    def values(self, field):
-        return {e: ap if field == "AP" else ap + 0.1 for e, ap in enumerate(self.aps)}
-
-
-def test_summary_counts_epochs_until_dn_reaches_the_final_baseline_ap():
-    summary = convergence.summarize([Run("dn_detr", [0.1, 0.3, 0.5, 0.6]), Run("baseline", [0.0, 0.2, 0.25, 0.3])])
-    assert summary["baseline_final_ap"] == 0.3 and summary["dn_final_ap"] == 0.6
-    assert summary["dn_epochs_to_baseline_final_ap"] == 2 and summary["epoch_ratio"] == 0.5
-    assert "after 2 of 4 epochs (ratio 0.50)" in convergence.markdown(summary)
-
-    never = convergence.summarize([Run("dn_detr", [0.1, 0.2]), Run("baseline", [0.1, 0.4])])
-    assert never["dn_epochs_to_baseline_final_ap"] is None and never["epoch_ratio"] is None
-    assert "never reaches" in convergence.markdown(never)
+def curve(*runs):
+    """An arm's curves as experiment.arm_curves gives them, from per-run AP lists (IS: 1 - AP)."""
+    arm = {"epochs": list(range(len(runs[0])))}
+    for field, transform in (("AP", lambda v: v), ("AP50", lambda v: v), ("matching_instability", lambda v: 1 - v),
+                             ("matching_instability_per_object", lambda v: (1 - v) / 2)):
+        values = [[transform(v) for v in run] for run in runs]
+        columns = list(zip(*values))
+        arm[field] = {"runs": values, "mean": [float(np.mean(c)) for c in columns],
+                      "std": [float(np.std(c, ddof=1)) if len(c) > 1 else 0.0 for c in columns]}
+    return arm
 
 
-def test_two_runs_curves_and_table_then_nothing_is_retrained(synthetic_coco, tmp_path):
-    out = tmp_path / "conv"
-    command = [sys.executable, str(ROOT / "scripts" / "convergence.py"), "--out", str(out), "--data",
-               str(synthetic_coco), "--config", str(ROOT / "configs" / "synthetic.py"), "--epochs", "2",
-               "--", *TINY_RUN_FLAGS]
-    subprocess.run(command, cwd=tmp_path, check=True, capture_output=True, text=True)
+def test_summary_judges_means_over_seeds():
+    curves = {"baseline_full": curve([0.0, 0.1, 0.2, 0.3], [0.0, 0.1, 0.2, 0.31], [0.0, 0.1, 0.2, 0.29]),
+              "dn_full": curve([0.1, 0.3, 0.5, 0.6], [0.1, 0.3, 0.5, 0.62], [0.1, 0.3, 0.5, 0.58]),
+              "dn_half": curve([0.1, 0.31], [0.1, 0.29], [0.1, 0.30])}
+    summary = convergence.summarize(curves, epochs=4)
+    assert summary["final_ap"]["baseline_full"]["mean"] == pytest.approx(0.3)
+    assert summary["final_ap"]["baseline_full"]["std"] == pytest.approx(0.01)
+    assert summary["dn_full_epochs_to_baseline_final_ap"] == 2 and summary["epoch_ratio"] == 0.5
+    assert summary["dn_full_vs_baseline_full"]["exceeds_seed_spread"] is True
+    half = summary["dn_half_vs_baseline_full"]
+    assert half["difference"] == pytest.approx(0.0) and half["exceeds_seed_spread"] is False
+    instability = summary["instability"]
+    assert instability["early_epochs"] == 1
+    assert instability["matching_instability"]["dn_full"]["early_epochs"] == pytest.approx(0.9)
+    assert instability["matching_instability"]["epochs_dn_below_baseline"] == 4
+    text = convergence.markdown(summary, curves)
+    assert "after 2 of 4 epochs (ratio 0.50)" in text and "within the seed spread" in text
+    assert "| dn_half | 2 | 3 | 30.0 ± 1.0 | 31.0, 29.0, 30.0 |" in text
 
-    configs = {name: json.loads((out / name / "config.json").read_text()) for name in ("dn_detr", "baseline")}
-    assert configs["dn_detr"]["use_dn"] is True and configs["baseline"]["use_dn"] is False
-    for key in ("seed", "modelname", "hidden_dim", "epochs", "lr"):
-        assert configs["dn_detr"][key] == configs["baseline"][key]
-    logs = {name: (out / name / "log.txt").read_text() for name in configs}
-    assert all(len(text.splitlines()) == 2 for text in logs.values())
-    assert any("tgt_loss_bbox" in line for line in logs["dn_detr"].splitlines())
-    assert not any("tgt_loss_bbox" in line for line in logs["baseline"].splitlines())
+    never = convergence.summarize({"baseline_full": curve([0.1, 0.4]), "dn_full": curve([0.1, 0.2])}, epochs=2)
+    assert never["dn_full_epochs_to_baseline_final_ap"] is None
+    assert never["dn_full_vs_baseline_full"]["p_value"] is None  # one seed: no test
+    assert "never reaches" in convergence.markdown(never, {"baseline_full": curve([0.1, 0.4]),
+                                                           "dn_full": curve([0.1, 0.2])})
 
-    summary = json.loads((out / "convergence.json").read_text())
-    assert set(summary["ap"]) == {"dn_detr", "baseline"} and summary["baseline_epochs"] == 2
-    final_baseline = json.loads(logs["baseline"].splitlines()[-1])["test_coco_eval_bbox"][0]
-    assert summary["baseline_final_ap"] == final_baseline
-    assert "| epoch | dn_detr AP | baseline AP |" in (out / "convergence.md").read_text()
-    picture = np.asarray(Image.open(out / "convergence.png").convert("L"))
+
+def test_arm_specs_half_schedule_and_seed_order():
+    specs = convergence.arm_specs(["baseline_full", "dn_half"], 20, [0, 1])
+    assert [(s.key, s.epochs, s.lr_drop) for s in specs] == [
+        ("baseline_full_seed0", 20, 16), ("dn_half_seed0", 10, 8), ("baseline_full_seed1", 20, 16),
+        ("dn_half_seed1", 10, 8)]
+    assert specs[0].flags == ("--no-use_dn",) and specs[1].flags == ("--use_dn",)
+
+
+def run_script(name, *arguments, cwd):
+    command = [sys.executable, str(ROOT / "scripts" / name), *arguments]
+    return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True)
+
+
+def test_convergence_three_arms_two_seeds_then_resumed_from_records_alone(synthetic_coco, tmp_path):
+    out, results = tmp_path / "work", tmp_path / "results"
+    arguments = ["--out", str(out), "--results", str(results), "--data", str(synthetic_coco), "--config",
+                 str(ROOT / "configs" / "synthetic.py"), "--epochs", "2", "--seeds", "0", "1", "--", *TINY_RUN_FLAGS]
+    run_script("convergence.py", *arguments, cwd=tmp_path)
+
+    runs = {p.name: p for p in (results / "runs").iterdir()}
+    assert set(runs) == {f"{arm}_seed{s}" for arm in convergence.ARMS for s in (0, 1)}
+    for key, record in runs.items():
+        settings = json.loads((record / "run.json").read_text())
+        lines = [json.loads(line) for line in (record / "log.txt").read_text().splitlines()]
+        assert len(lines) == settings["epochs"] == (1 if key.startswith("dn_half") else 2)
+        assert settings["lr_drop"] == (1 if key.startswith("dn_half") else 2) and settings["seed"] == int(key[-1])
+        assert all("train_matching_instability" in line and "train_matching_instability_per_object" in line
+                   for line in lines)
+        assert all(("train_tgt_loss_bbox" in line) == key.startswith("dn_") for line in lines)
+    configs = {s: json.loads((out / f"dn_full_seed{s}" / "config.json").read_text()) for s in (0, 1)}
+    assert configs[0]["seed"] == 0 and configs[1]["seed"] == 1 and configs[0]["instability_probe"] == 4
+
+    merged = json.loads((results / "epochs.json").read_text())["arms"]
+    assert merged["dn_half"]["epochs"] == [0] and merged["baseline_full"]["epochs"] == [0, 1]
+    first_log = [json.loads(line) for line in (runs["baseline_full_seed0"] / "log.txt").read_text().splitlines()]
+    assert merged["baseline_full"]["AP"]["runs"][0] == [line["test_coco_eval_bbox"][0] for line in first_log]
+    assert merged["baseline_full"]["matching_instability"]["runs"][0] == [
+        line["train_matching_instability"] for line in first_log]
+    ap_runs = np.array(merged["dn_full"]["AP"]["runs"])
+    assert merged["dn_full"]["AP"]["mean"] == pytest.approx(ap_runs.mean(0).tolist())
+    assert merged["dn_full"]["AP"]["std"] == pytest.approx(ap_runs.std(0, ddof=1).tolist())
+
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["seeds"] == {arm: 2 for arm in convergence.ARMS} and summary["full_epochs"] == 2
+    assert summary["final_ap"]["dn_half"]["runs"] == [run[-1] for run in merged["dn_half"]["AP"]["runs"]]
+    assert {"dn_full_vs_baseline_full", "dn_half_vs_baseline_full", "epoch_ratio"} <= set(summary)
+    assert summary["instability"]["matching_instability"]["dn_full"]["all_epochs"] >= 0
+    assert "| baseline_full | 2 | 2 |" in (results / "convergence.md").read_text()
+    picture = np.asarray(Image.open(results / "convergence.png").convert("L"))
     assert picture.shape[0] > 100 and picture.std() > 0
 
-    rerun = subprocess.run(command, cwd=tmp_path, check=True, capture_output=True, text=True)
-    assert {name: (out / name / "log.txt").read_text() for name in configs} == logs, rerun.stdout
+    # A later session without the checkpoints: the records alone make every run finished.
+    shutil.rmtree(out)
+    rerun = run_script("convergence.py", *arguments, cwd=tmp_path)
+    assert rerun.stdout.count("not retrained") == 6 and not (out / "dn_full_seed0").exists()
+    assert json.loads((results / "summary.json").read_text()) == summary
+
+    # A record made with other settings is never mixed in.
+    changed = [*arguments[:-len(TINY_RUN_FLAGS)], *TINY_RUN_FLAGS[:-1], "5"]
+    failed = subprocess.run([sys.executable, str(ROOT / "scripts" / "convergence.py"), *changed], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "with other settings" in failed.stderr
+
+    plotted = tmp_path / "replot.png"
+    run_script("plot_curves.py", "--merged", str(results / "epochs.json"), "--out", str(plotted), "--fields", "AP",
+               "matching_instability", cwd=tmp_path)
+    assert np.asarray(Image.open(plotted).convert("L")).std() > 0
+
+
+def test_ablate_variants_share_runs_and_resume_an_interrupted_one(synthetic_coco, tmp_path):
+    out, results = tmp_path / "work", tmp_path / "results"
+    arguments = ["--out", str(out), "--results", str(results), "--data", str(synthetic_coco), "--config",
+                 str(ROOT / "configs" / "synthetic.py"), "--epochs", "2", "--seeds", "0", "1",
+                 "--only", "dn_half", "no_attn_mask_half", "--", *TINY_RUN_FLAGS]
+    # An interrupted variant: trained for one epoch of two, then resumed from its checkpoint.
+    spec = experiment.RunSpec("no_attn_mask_half", ("--use_dn", "--no-dn_attn_mask"), 2, 2, 1)
+    subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs" / "synthetic.py"),
+                    *TINY_RUN_FLAGS, *spec.flags, "--coco_path", str(synthetic_coco), "--output_dir",
+                    str(out / spec.key), "--seed", "1", "--epochs", "1", "--lr_drop", "2"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    done = run_script("ablate.py", *arguments, cwd=tmp_path)
+    assert f"--resume {out / spec.key / 'checkpoint.pth'}" in done.stdout
+
+    resumed = [json.loads(line) for line in (results / "runs" / spec.key / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in resumed] == [0, 1]
+    assert json.loads((out / spec.key / "config.json").read_text())["dn_attn_mask"] is False
+    ablation = json.loads((results / "ablation.json").read_text())
+    assert [row["variant"] for row in ablation["rows"]] == ["dn_half", "no_attn_mask_half"]
+    assert ablation["rows"][1]["seeds"] == 2 and "final_ap_minus_first_variant" in ablation["rows"][1]
+    assert ablation["rows"][1]["flags"] == "--use_dn --no-dn_attn_mask"
+    table = (results / "ablation.md").read_text()
+    assert "| no_attn_mask_half | `--use_dn --no-dn_attn_mask` | 2 |" in table
+    assert np.asarray(Image.open(results / "ablation.png").convert("L")).std() > 0
+
+    # The convergence script's dn_half runs are the ablation's: recorded, so not retrained.
+    again = run_script("convergence.py", "--out", str(out), "--results", str(results), "--data", str(synthetic_coco),
+                       "--config", str(ROOT / "configs" / "synthetic.py"), "--epochs", "4", "--seeds", "0",
+                       "--arms", "dn_half", "--", *TINY_RUN_FLAGS, cwd=tmp_path)
+    assert "dn_half_seed0: finished" in again.stdout
+
+
+def test_ablate_rejects_an_unknown_variant(tmp_path):
+    failed = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablate.py"), "--only", "no_such"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "no_such" in failed.stderr and "dn_half" in failed.stderr

@@ -1,0 +1,150 @@
+"""Ablations of denoising training (in the spirit of the paper's Table 6): variants x seeds, resumable.
+
+    python scripts/ablate.py                          # the committed ablation (one seed, the half schedule)
+    python scripts/ablate.py --only dn_half no_attn_mask_half --seeds 0 1
+    python scripts/ablate.py --variant more_groups "--use_dn --scalar 10" --variant dn_half "--use_dn"
+
+Each variant is a set of ``main.py`` flags; every variant runs once per ``--seeds`` value with the same
+shared settings (``--config`` and the flags after ``--``) and schedule (``--epochs``, lr drop after 80% of
+them). The default variants:
+
+* ``dn_half``: full denoising (the default noise, 5 groups, the attention mask);
+* ``no_label_noise_half``: ``--label_noise_scale 0`` (box noise only);
+* ``one_group_half``: ``--scalar 1``;
+* ``no_attn_mask_half``: ``--no-dn_attn_mask``: the matching queries see the denoising queries (and the
+  groups each other), so the ground truth leaks into matching during training but not at inference;
+* ``baseline_half``: no denoising.
+
+Runs are kept, resumed and recorded as by ``scripts/convergence.py`` (same ``--out`` and ``--results``
+defaults, so a variant that is one of its runs, like ``dn_half``, is not trained twice). Writes
+``ablation.md`` (final AP and IS per variant), ``ablation.json`` (the same numbers and the per-epoch
+curves) and ``ablation.png`` (AP and IS per epoch) into ``--results``.
+"""
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from datasets.synthetic import generate_synthetic_coco  # noqa: E402
+from experiment import ExperimentError, RunSpec, arm_curves, ensure_run, schedule  # noqa: E402  (scripts/ is this script's folder)
+from plot_curves import plot_bands  # noqa: E402
+
+DEFAULT_VARIANTS = {
+    "dn_half": "--use_dn",
+    "no_label_noise_half": "--use_dn --label_noise_scale 0",
+    "one_group_half": "--use_dn --scalar 1",
+    "no_attn_mask_half": "--use_dn --no-dn_attn_mask",
+    "baseline_half": "--no-use_dn",
+}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("scripts/ablate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "convergence",
+                        help="working folder: the generated data and every run's checkpoints")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "convergence",
+                        help="the committed record: run logs and ablation.md/.json/.png")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "synthetic_convergence.py"),
+                        help="main.py settings shared by every variant")
+    parser.add_argument("--epochs", type=int, default=10, help="the schedule of every run (lr drop after 80%%)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "FLAGS"), default=None,
+                        help="a variant and its main.py flags (one quoted string); repeat it; replaces the defaults")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these variants")
+    parser.add_argument("--data", type=Path, default=None, help="COCO-format folder (default: generate one in --out)")
+    parser.add_argument("--preset", default="easy", help="synthetic set difficulty when generating")
+    parser.add_argument("--class_colours", action=argparse.BooleanOptionalAction, default=True,
+                        help="paint each class in its own colour when generating")
+    parser.add_argument("--num_train", type=int, default=200)
+    parser.add_argument("--num_val", type=int, default=50)
+    parser.add_argument("--data_seed", type=int, default=0)
+    return parser
+
+
+def chosen_variants(args: argparse.Namespace) -> Dict[str, Tuple[str, ...]]:
+    """``{name: main.py flags}`` of the variants to run, in order."""
+    variants = dict(args.variant) if args.variant else dict(DEFAULT_VARIANTS)
+    if args.only is not None:
+        unknown = sorted(set(args.only) - set(variants))
+        if unknown:
+            raise SystemExit(f"--only {' '.join(unknown)}: no such variant; the variants are {', '.join(variants)}")
+        variants = {name: flags for name, flags in variants.items() if name in args.only}
+    return {name: tuple(shlex.split(flags)) for name, flags in variants.items()}
+
+
+def variant_row(name: str, flags: Sequence[str], curve: dict) -> dict:
+    finals = [run[-1] for run in curve["AP"]["runs"]]
+    row = {"variant": name, "flags": " ".join(flags), "seeds": len(finals), "final_ap_mean": curve["AP"]["mean"][-1],
+           "final_ap_std": curve["AP"]["std"][-1], "final_ap_runs": finals, "best_ap_mean": max(curve["AP"]["mean"]),
+           "final_ap50_mean": curve["AP50"]["mean"][-1]}
+    if "matching_instability" in curve:
+        row["mean_matching_instability"] = statistics.fmean(curve["matching_instability"]["mean"])
+        row["mean_matching_instability_per_object"] = statistics.fmean(
+            curve["matching_instability_per_object"]["mean"])
+    return row
+
+
+def markdown(rows: List[dict], epochs: int) -> str:
+    lines = [f"Final AP after {epochs} epochs (lr drop after {schedule(epochs)[1]}); the difference is to "
+             f"{rows[0]['variant']}; IS: mean over the epochs of the matching instability per image (per object).",
+             "", "| variant | flags | seeds | final AP (%) | best AP (%) | final AP50 (%) | difference | mean IS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        spread = f" ± {100 * row['final_ap_std']:.1f}" if row["seeds"] > 1 else ""
+        difference = row.get("final_ap_minus_first_variant")
+        instability = (f"{row['mean_matching_instability']:.2f} ({row['mean_matching_instability_per_object']:.2f})"
+                       if "mean_matching_instability" in row else "-")
+        lines.append(f"| {row['variant']} | `{row['flags']}` | {row['seeds']} | {100 * row['final_ap_mean']:.1f}{spread} | "
+                     f"{100 * row['best_ap_mean']:.1f} | {100 * row['final_ap50_mean']:.1f} | "
+                     f"{'-' if difference is None else f'{100 * difference:+.1f}'} | {instability} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, extra = get_parser().parse_args(argv[:split]), argv[split + 1:]
+    variants = chosen_variants(args)
+    if not variants:
+        raise SystemExit("no variant to run")
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = args.data
+    if data is None:
+        data = args.out / "data"
+        if not (data / "annotations" / "instances_val2017.json").exists():
+            generate_synthetic_coco(data, num_train=args.num_train, num_val=args.num_val, seed=args.data_seed,
+                                    preset=args.preset, class_colours=args.class_colours)
+    shared_flags = ["--config", args.config, *extra]
+    epochs, lr_drop = schedule(args.epochs)
+    records: Dict[str, List[Path]] = {name: [] for name in variants}
+    for seed in args.seeds:
+        for name, flags in variants.items():
+            spec = RunSpec(name, flags, epochs, lr_drop, seed)
+            records[name].append(ensure_run(spec, shared_flags, data, args.out, args.results / "runs"))
+
+    curves = {name: arm_curves(folders) for name, folders in records.items()}
+    rows = [variant_row(name, flags, curves[name]) for name, flags in variants.items()]
+    for row in rows[1:]:
+        row["final_ap_minus_first_variant"] = row["final_ap_mean"] - rows[0]["final_ap_mean"]
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "ablation.json").write_text(json.dumps({"epochs": epochs, "rows": rows, "arms": curves},
+                                                           indent=1) + "\n")
+    table = markdown(rows, epochs)
+    (args.results / "ablation.md").write_text(table)
+    fields = ["AP"] + [f for f in ("matching_instability",) if any(f in curve for curve in curves.values())]
+    plot_bands(curves, fields, args.results / "ablation.png")
+    print(table)
+    print(f"[ablate] wrote {args.results}/: ablation.md, ablation.json, ablation.png")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ExperimentError as error:
+        raise SystemExit(f"scripts/ablate.py: error: {error}") from None

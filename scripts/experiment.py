@@ -1,0 +1,132 @@
+"""Seeded training runs shared by the experiment scripts (``convergence.py``, ``ablate.py``).
+
+A run is ``main.py`` with the experiment's shared flags, its own flags, a schedule (epochs, lr drop) and a
+seed. It trains in ``WORK/<run key>`` (checkpoints: resumed after an interruption) and, once finished, its
+``log.txt`` and a ``run.json`` of its settings are copied to ``RESULTS/<run key>/``: the small, committed
+record. A run whose record is complete is never retrained, even on a machine without its checkpoints,
+so an experiment can be finished over several sessions. A record made with other settings is an error
+(never mixed into a table).
+"""
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from plot_curves import field_value, read_log  # noqa: E402  (scripts/ is this module's folder)
+
+# What the experiment tables report per epoch: COCO AP numbers and the matching instability (train_* keys).
+EPOCH_FIELDS = ("AP", "AP50", "matching_instability", "matching_instability_per_object")
+
+
+class ExperimentError(RuntimeError):
+    """A run cannot be used as asked (settings that differ from its record, a failed training)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    arm: str  # the experiment arm (e.g. dn_half); runs of one arm differ in their seed only
+    flags: Tuple[str, ...]  # main.py flags of the arm
+    epochs: int
+    lr_drop: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}_seed{self.seed}"
+
+
+def schedule(epochs: int) -> Tuple[int, int]:
+    """``(epochs, lr_drop)``: ``epochs`` with the lr dropped once, after 80% of them (rounded)."""
+    return epochs, max(round(0.8 * epochs), 1)
+
+
+def portable(flags: Sequence[str]) -> List[str]:
+    """``flags`` with paths inside the project written relative to it (for the committed records)."""
+    def relative(flag: str) -> str:
+        path = Path(flag)
+        return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else flag
+    return [relative(flag) for flag in flags]
+
+
+def run_settings(spec: RunSpec, shared_flags: Sequence[str]) -> dict:
+    """What makes a run what it is (the data folder and the output folder aside)."""
+    return {"arm": spec.arm, "seed": spec.seed, "epochs": spec.epochs, "lr_drop": spec.lr_drop,
+            "flags": portable([*shared_flags, *spec.flags])}
+
+
+def logged_epochs(log_file: Path) -> List[int]:
+    """Epochs with a training line in ``log_file`` (none if it does not exist)."""
+    if not log_file.exists():
+        return []
+    return sorted(epoch for epoch, record in read_log(log_file).items() if "train_loss" in record)
+
+
+def recorded_run(spec: RunSpec, shared_flags: Sequence[str], results_dir: Path) -> Optional[Path]:
+    """The finished record of ``spec`` under ``results_dir`` (its folder), or None if there is none yet."""
+    record = results_dir / spec.key
+    if not (record / "run.json").exists():
+        return None
+    recorded = json.loads((record / "run.json").read_text())
+    wanted = run_settings(spec, shared_flags)
+    if recorded != wanted:
+        raise ExperimentError(f"{record / 'run.json'} records run {spec.key} with other settings: {recorded} "
+                              f"instead of {wanted}; remove that folder to rerun it, or use another results folder")
+    if logged_epochs(record / "log.txt") != list(range(spec.epochs)):
+        raise ExperimentError(f"{record / 'log.txt'} does not hold epochs 0..{spec.epochs - 1} of run {spec.key}")
+    return record
+
+
+def ensure_run(spec: RunSpec, shared_flags: Sequence[str], data: Path, work_dir: Path, results_dir: Path) -> Path:
+    """The record folder of ``spec``: trained (or resumed) first if it is not complete."""
+    record = recorded_run(spec, shared_flags, results_dir)
+    if record is not None:
+        print(f"[experiment] {spec.key}: finished ({record}), not retrained", flush=True)
+        return record
+    run_dir = work_dir / spec.key
+    command = [sys.executable, str(ROOT / "main.py"), *shared_flags, *spec.flags, "--coco_path", str(data),
+               "--output_dir", str(run_dir), "--seed", str(spec.seed), "--epochs", str(spec.epochs),
+               "--lr_drop", str(spec.lr_drop)]
+    checkpoint = run_dir / "checkpoint.pth"
+    if checkpoint.exists():
+        if logged_epochs(run_dir / "log.txt") == list(range(spec.epochs)):
+            command = None  # trained and logged; only the record is missing
+        else:
+            command += ["--resume", str(checkpoint)]
+    else:
+        command += ["--overwrite_output_dir"]  # a folder without a checkpoint holds nothing to keep
+    if command is not None:
+        print(f"[experiment] {spec.key}: {' '.join(command)}", flush=True)
+        start = time.time()
+        if subprocess.run(command, cwd=ROOT).returncode != 0:
+            raise ExperimentError(f"run {spec.key} failed (its log: {run_dir / 'log.txt'}); rerun the script to "
+                                  "resume it")
+        print(f"[experiment] {spec.key}: trained in {time.time() - start:.0f} s", flush=True)
+    record = results_dir / spec.key
+    record.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "log.txt", record / "log.txt")
+    (record / "run.json").write_text(json.dumps(run_settings(spec, shared_flags), indent=2) + "\n")
+    return record
+
+
+def arm_curves(records: Sequence[Path], fields: Sequence[str] = EPOCH_FIELDS) -> dict:
+    """Per-epoch values of the runs of one arm (``records``: their folders, one per seed): for each field,
+    ``runs`` (one list per run), and ``mean`` and ``std`` (sample standard deviation; 0 for one run)
+    over the runs, for the epochs that every run logs."""
+    logs = [read_log(record / "log.txt") for record in records]
+    epochs = sorted(set.intersection(*(set(log) for log in logs)))
+    curves: Dict[str, dict] = {"epochs": epochs}
+    for field in fields:
+        runs = [[field_value(log[epoch], field) for epoch in epochs] for log in logs]
+        if any(value is None for run in runs for value in run):
+            continue  # a field that not every run logs at every epoch (IS of a run without the probe)
+        per_epoch = list(zip(*runs))
+        curves[field] = {"runs": runs, "mean": [statistics.fmean(values) for values in per_epoch],
+                         "std": [statistics.stdev(values) if len(values) > 1 else 0.0 for values in per_epoch]}
+    return curves
