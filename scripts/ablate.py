@@ -16,7 +16,8 @@ them). The default variants:
 * ``baseline_half``: no denoising.
 
 Runs are kept, resumed and recorded as by ``scripts/convergence.py`` (same ``--out`` and ``--results``
-defaults, so a variant that is one of its runs, like ``dn_half``, is not trained twice). Writes
+defaults, so a variant that is one of its runs, like ``dn_half``, is not trained twice; ``--runs`` shares
+its records with another results folder). Writes
 ``ablation.md`` (final AP and IS per variant), ``ablation.json`` (the same numbers and the per-epoch
 curves) and ``ablation.png`` (AP and IS per epoch) into ``--results``.
 """
@@ -49,7 +50,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "convergence",
                         help="working folder: the generated data and every run's checkpoints")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "convergence",
-                        help="the committed record: run logs and ablation.md/.json/.png")
+                        help="the committed record: ablation.md/.json/.png, and the run logs unless --runs")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="where finished runs are recorded (default: RESULTS/runs); share it to reuse runs")
     parser.add_argument("--config", default=str(ROOT / "configs" / "synthetic_convergence.py"),
                         help="main.py settings shared by every variant")
     parser.add_argument("--epochs", type=int, default=10, help="the schedule of every run (lr drop after 80%%)")
@@ -126,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for seed in args.seeds:
         for name, flags in variants.items():
             spec = RunSpec(name, flags, epochs, lr_drop, seed)
-            records[name].append(ensure_run(spec, shared_flags, data, args.out, args.results / "runs"))
+            records[name].append(ensure_run(spec, shared_flags, data, args.out, args.runs or args.results / "runs"))
 
     curves = {name: arm_curves(folders) for name, folders in records.items()}
     rows = [variant_row(name, flags, curves[name]) for name, flags in variants.items()]

@@ -63,7 +63,7 @@ def run_settings(spec: RunSpec, shared_flags: Sequence[str]) -> dict:
 
 def logged_epochs(log_file: Path) -> List[int]:
     """Epochs with a training line in ``log_file`` (none if it does not exist)."""
-    if not log_file.exists():
+    if not log_file.exists() or not log_file.read_text().strip():
         return []
     return sorted(epoch for epoch, record in read_log(log_file).items() if "train_loss" in record)
 

@@ -15,7 +15,6 @@ from tests.model_utils import TINY_MODEL_FLAGS
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import convergence  # noqa: E402
-import experiment  # noqa: E402
 
 TINY_RUN_FLAGS = ["-m", "dn_dab_detr", *TINY_MODEL_FLAGS, "--train_scales", "64", "80", "--max_size", "128",
                   "--val_scale", "96", "--crop_resize_scales", "64", "80", "--crop_size", "48", "64",
@@ -73,12 +72,19 @@ def run_script(name, *arguments, cwd):
     return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True)
 
 
-def test_convergence_three_arms_two_seeds_then_resumed_from_records_alone(synthetic_coco, tmp_path):
-    out, results = tmp_path / "work", tmp_path / "results"
+@pytest.fixture(scope="module")
+def convergence_run(synthetic_coco, tmp_path_factory):
+    """scripts/convergence.py on tiny settings: 3 arms x 2 seeds, 2 epochs (the half schedule: 1)."""
+    root = tmp_path_factory.mktemp("convergence")
+    out, results = root / "work", root / "results"
     arguments = ["--out", str(out), "--results", str(results), "--data", str(synthetic_coco), "--config",
                  str(ROOT / "configs" / "synthetic.py"), "--epochs", "2", "--seeds", "0", "1", "--", *TINY_RUN_FLAGS]
-    run_script("convergence.py", *arguments, cwd=tmp_path)
+    run_script("convergence.py", *arguments, cwd=root)
+    return root, out, results, arguments
 
+
+def test_convergence_three_arms_two_seeds_then_resumed_from_records_alone(convergence_run):
+    root, out, results, arguments = convergence_run
     runs = {p.name: p for p in (results / "runs").iterdir()}
     assert set(runs) == {f"{arm}_seed{s}" for arm in convergence.ARMS for s in (0, 1)}
     for key, record in runs.items():
@@ -112,55 +118,55 @@ def test_convergence_three_arms_two_seeds_then_resumed_from_records_alone(synthe
     assert picture.shape[0] > 100 and picture.std() > 0
 
     # A later session without the checkpoints: the records alone make every run finished.
+    work_copy = root / "work_copy"
+    shutil.copytree(out, work_copy)
     shutil.rmtree(out)
-    rerun = run_script("convergence.py", *arguments, cwd=tmp_path)
-    assert rerun.stdout.count("not retrained") == 6 and not (out / "dn_full_seed0").exists()
-    assert json.loads((results / "summary.json").read_text()) == summary
+    try:
+        rerun = run_script("convergence.py", *arguments, cwd=root)
+        assert rerun.stdout.count("not retrained") == 6 and not (out / "dn_full_seed0").exists()
+        assert json.loads((results / "summary.json").read_text()) == summary
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        work_copy.rename(out)
 
     # A record made with other settings is never mixed in.
     changed = [*arguments[:-len(TINY_RUN_FLAGS)], *TINY_RUN_FLAGS[:-1], "5"]
-    failed = subprocess.run([sys.executable, str(ROOT / "scripts" / "convergence.py"), *changed], cwd=tmp_path,
+    failed = subprocess.run([sys.executable, str(ROOT / "scripts" / "convergence.py"), *changed], cwd=root,
                             capture_output=True, text=True)
     assert failed.returncode != 0 and "with other settings" in failed.stderr
 
-    plotted = tmp_path / "replot.png"
+    plotted = root / "replot.png"
     run_script("plot_curves.py", "--merged", str(results / "epochs.json"), "--out", str(plotted), "--fields", "AP",
-               "matching_instability", cwd=tmp_path)
+               "matching_instability", cwd=root)
     assert np.asarray(Image.open(plotted).convert("L")).std() > 0
 
 
-def test_ablate_variants_share_runs_and_resume_an_interrupted_one(synthetic_coco, tmp_path):
-    out, results = tmp_path / "work", tmp_path / "results"
-    arguments = ["--out", str(out), "--results", str(results), "--data", str(synthetic_coco), "--config",
-                 str(ROOT / "configs" / "synthetic.py"), "--epochs", "2", "--seeds", "0", "1",
-                 "--only", "dn_half", "no_attn_mask_half", "--", *TINY_RUN_FLAGS]
-    # An interrupted variant: trained for one epoch of two, then resumed from its checkpoint.
-    spec = experiment.RunSpec("no_attn_mask_half", ("--use_dn", "--no-dn_attn_mask"), 2, 2, 1)
-    subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs" / "synthetic.py"),
-                    *TINY_RUN_FLAGS, *spec.flags, "--coco_path", str(synthetic_coco), "--output_dir",
-                    str(out / spec.key), "--seed", "1", "--epochs", "1", "--lr_drop", "2"], cwd=tmp_path, check=True,
-                   capture_output=True)
-    done = run_script("ablate.py", *arguments, cwd=tmp_path)
-    assert f"--resume {out / spec.key / 'checkpoint.pth'}" in done.stdout
-
-    resumed = [json.loads(line) for line in (results / "runs" / spec.key / "log.txt").read_text().splitlines()]
-    assert [line["epoch"] for line in resumed] == [0, 1]
-    assert json.loads((out / spec.key / "config.json").read_text())["dn_attn_mask"] is False
+def test_ablate_reuses_recorded_runs_and_resumes_an_interrupted_one(convergence_run, synthetic_coco, tmp_path):
+    _, out, convergence_results, _ = convergence_run
+    results = tmp_path / "ablation"
+    arguments = ["--out", str(out), "--results", str(results), "--runs", str(convergence_results / "runs"),
+                 "--data", str(synthetic_coco), "--config", str(ROOT / "configs" / "synthetic.py"), "--epochs", "1",
+                 "--seeds", "0", "1", "--only", "dn_half", "no_attn_mask_half", "--", *TINY_RUN_FLAGS]
+    first = run_script("ablate.py", *arguments, cwd=tmp_path)
+    # The half-schedule DN runs of the convergence experiment are the ablation's full-DN variant.
+    assert "dn_half_seed0: finished" in first.stdout and "dn_half_seed1: finished" in first.stdout
+    assert json.loads((out / "no_attn_mask_half_seed1" / "config.json").read_text())["dn_attn_mask"] is False
     ablation = json.loads((results / "ablation.json").read_text())
     assert [row["variant"] for row in ablation["rows"]] == ["dn_half", "no_attn_mask_half"]
-    assert ablation["rows"][1]["seeds"] == 2 and "final_ap_minus_first_variant" in ablation["rows"][1]
-    assert ablation["rows"][1]["flags"] == "--use_dn --no-dn_attn_mask"
-    table = (results / "ablation.md").read_text()
-    assert "| no_attn_mask_half | `--use_dn --no-dn_attn_mask` | 2 |" in table
+    assert ablation["rows"][1]["seeds"] == 2 and ablation["rows"][1]["flags"] == "--use_dn --no-dn_attn_mask"
+    assert ablation["rows"][1]["final_ap_minus_first_variant"] == pytest.approx(
+        ablation["rows"][1]["final_ap_mean"] - ablation["rows"][0]["final_ap_mean"])
+    assert "| no_attn_mask_half | `--use_dn --no-dn_attn_mask` | 2 |" in (results / "ablation.md").read_text()
     assert np.asarray(Image.open(results / "ablation.png").convert("L")).std() > 0
 
-    # The convergence script's dn_half runs are the ablation's: recorded, so not retrained.
-    again = run_script("convergence.py", "--out", str(out), "--results", str(results), "--data", str(synthetic_coco),
-                       "--config", str(ROOT / "configs" / "synthetic.py"), "--epochs", "4", "--seeds", "0",
-                       "--arms", "dn_half", "--", *TINY_RUN_FLAGS, cwd=tmp_path)
-    assert "dn_half_seed0: finished" in again.stdout
-
-
+    # Interrupted after training its epoch, before the evaluation (no record, no log line): resumed, evaluated once.
+    interrupted = out / "no_attn_mask_half_seed1"
+    shutil.rmtree(convergence_results / "runs" / interrupted.name)
+    (interrupted / "log.txt").write_text("")
+    second = run_script("ablate.py", *arguments, cwd=tmp_path)
+    assert f"--resume {interrupted / 'checkpoint.pth'}" in second.stdout
+    assert [json.loads(line)["epoch"] for line in (interrupted / "log.txt").read_text().splitlines()] == [0]
+    assert json.loads((results / "ablation.json").read_text()) == ablation
 def test_ablate_rejects_an_unknown_variant(tmp_path):
     failed = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablate.py"), "--only", "no_such"], cwd=tmp_path,
                             capture_output=True, text=True)
