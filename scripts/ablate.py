@@ -31,8 +31,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from datasets.synthetic import generate_synthetic_coco  # noqa: E402
-from experiment import ExperimentError, RunSpec, arm_curves, ensure_run, schedule  # noqa: E402  (scripts/ is this script's folder)
+# scripts/ (this script's folder) is on the path: experiment.py and plot_curves.py are its neighbours.
+from experiment import (ExperimentError, RunSpec, add_common_arguments, arm_curves, ensure_run,  # noqa: E402
+                        parse_with_main_flags, prepare_data, schedule)
 from plot_curves import plot_bands  # noqa: E402
 
 DEFAULT_VARIANTS = {
@@ -47,26 +48,16 @@ DEFAULT_VARIANTS = {
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("scripts/ablate.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "convergence",
-                        help="working folder: the generated data and every run's checkpoints")
+    add_common_arguments(parser)
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "convergence",
                         help="the committed record: ablation.md/.json/.png, and the run logs unless --runs")
     parser.add_argument("--runs", type=Path, default=None,
                         help="where finished runs are recorded (default: RESULTS/runs); share it to reuse runs")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "synthetic_convergence.py"),
-                        help="main.py settings shared by every variant")
     parser.add_argument("--epochs", type=int, default=10, help="the schedule of every run (lr drop after 80%%)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "FLAGS"), default=None,
                         help="a variant and its main.py flags (one quoted string); repeat it; replaces the defaults")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these variants")
-    parser.add_argument("--data", type=Path, default=None, help="COCO-format folder (default: generate one in --out)")
-    parser.add_argument("--preset", default="easy", help="synthetic set difficulty when generating")
-    parser.add_argument("--class_colours", action=argparse.BooleanOptionalAction, default=True,
-                        help="paint each class in its own colour when generating")
-    parser.add_argument("--num_train", type=int, default=200)
-    parser.add_argument("--num_val", type=int, default=50)
-    parser.add_argument("--data_seed", type=int, default=0)
     return parser
 
 
@@ -110,19 +101,11 @@ def markdown(rows: List[dict], epochs: int) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    args, extra = get_parser().parse_args(argv[:split]), argv[split + 1:]
+    args, extra = parse_with_main_flags(get_parser(), argv)
     variants = chosen_variants(args)
     if not variants:
         raise SystemExit("no variant to run")
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = args.data
-    if data is None:
-        data = args.out / "data"
-        if not (data / "annotations" / "instances_val2017.json").exists():
-            generate_synthetic_coco(data, num_train=args.num_train, num_val=args.num_val, seed=args.data_seed,
-                                    preset=args.preset, class_colours=args.class_colours)
+    data = prepare_data(args)
     shared_flags = ["--config", args.config, *extra]
     epochs, lr_drop = schedule(args.epochs)
     records: Dict[str, List[Path]] = {name: [] for name in variants}

@@ -34,8 +34,9 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from datasets.synthetic import generate_synthetic_coco  # noqa: E402
-from experiment import ExperimentError, RunSpec, arm_curves, ensure_run, schedule  # noqa: E402  (scripts/ is this script's folder)
+# scripts/ (this script's folder) is on the path: experiment.py and plot_curves.py are its neighbours.
+from experiment import (ExperimentError, RunSpec, add_common_arguments, arm_curves, ensure_run,  # noqa: E402
+                        parse_with_main_flags, prepare_data, schedule)
 from plot_curves import plot_bands  # noqa: E402
 
 ARMS = ("baseline_full", "dn_full", "dn_half")
@@ -45,22 +46,12 @@ EARLY_FRACTION = 0.25  # "early epochs" of the IS comparison: the first quarter 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("scripts/convergence.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "convergence",
-                        help="working folder: the generated data and every run's checkpoints")
+    add_common_arguments(parser)
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "convergence",
                         help="the committed record: run logs, epochs.json, summary.json, convergence.md/.png")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "synthetic_convergence.py"),
-                        help="main.py settings shared by every run (their --use_dn, schedule and seed are set here)")
     parser.add_argument("--epochs", type=int, default=20, help="the full schedule E (the half schedule is E // 2)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--data", type=Path, default=None, help="COCO-format folder (default: generate one in --out)")
-    parser.add_argument("--preset", default="easy", help="synthetic set difficulty when generating")
-    parser.add_argument("--class_colours", action=argparse.BooleanOptionalAction, default=True,
-                        help="paint each class in its own colour when generating (a cue besides the shape)")
-    parser.add_argument("--num_train", type=int, default=200)
-    parser.add_argument("--num_val", type=int, default=50)
-    parser.add_argument("--data_seed", type=int, default=0)
     return parser
 
 
@@ -180,16 +171,8 @@ def markdown(summary: dict, curves: Dict[str, dict]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    args, extra = get_parser().parse_args(argv[:split]), argv[split + 1:]
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = args.data
-    if data is None:
-        data = args.out / "data"
-        if not (data / "annotations" / "instances_val2017.json").exists():
-            generate_synthetic_coco(data, num_train=args.num_train, num_val=args.num_val, seed=args.data_seed,
-                                    preset=args.preset, class_colours=args.class_colours)
+    args, extra = parse_with_main_flags(get_parser(), argv)
+    data = prepare_data(args)
     shared_flags = ["--config", args.config, *extra]
     records: Dict[str, List[Path]] = {arm: [] for arm in args.arms}
     for spec in arm_specs(args.arms, args.epochs, args.seeds):

@@ -7,6 +7,7 @@ record. A run whose record is complete is never retrained, even on a machine wit
 so an experiment can be finished over several sessions. A record made with other settings is an error
 (never mixed into a table).
 """
+import argparse
 import json
 import shutil
 import statistics
@@ -19,10 +20,45 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from datasets.synthetic import generate_synthetic_coco  # noqa: E402
 from plot_curves import field_value, read_log  # noqa: E402  (scripts/ is this module's folder)
 
 # What the experiment tables report per epoch: COCO AP numbers and the matching instability (train_* keys).
 EPOCH_FIELDS = ("AP", "AP50", "matching_instability", "matching_instability_per_object")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The working folder, shared settings and data options of every experiment script."""
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "convergence",
+                        help="working folder: the generated data and every run's checkpoints")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "synthetic_convergence.py"),
+                        help="main.py settings shared by every run (each run sets --use_dn, schedule and seed)")
+    parser.add_argument("--data", type=Path, default=None, help="COCO-format folder (default: generate one in --out)")
+    parser.add_argument("--preset", default="easy", help="synthetic set difficulty when generating")
+    parser.add_argument("--class_colours", action=argparse.BooleanOptionalAction, default=True,
+                        help="paint each class in its own colour when generating (a cue besides the shape)")
+    parser.add_argument("--num_train", type=int, default=200)
+    parser.add_argument("--num_val", type=int, default=50)
+    parser.add_argument("--data_seed", type=int, default=0)
+
+
+def parse_with_main_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
+    """``(args, flags after --)``: the script's arguments, and the main.py flags every run gets."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    return parser.parse_args(argv[:split]), argv[split + 1:]
+
+
+def prepare_data(args: argparse.Namespace) -> Path:
+    """``--data``, or the synthetic set generated once in ``--out/data``."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.data is not None:
+        return args.data
+    data = args.out / "data"
+    if not (data / "annotations" / "instances_val2017.json").exists():
+        generate_synthetic_coco(data, num_train=args.num_train, num_val=args.num_val, seed=args.data_seed,
+                                preset=args.preset, class_colours=args.class_colours)
+    return data
 
 
 class ExperimentError(RuntimeError):
