@@ -23,7 +23,7 @@ import math
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import matplotlib
 
@@ -125,27 +125,14 @@ def figure_grid(num_fields: int):
     return rows, columns
 
 
-def plot_runs(runs: Sequence[Run], fields: Sequence[str], out: Path) -> None:
-    """One subplot per field (COCO numbers in percent), one line per run; saved at a fixed size:
+def plot_grid(fields: Sequence[str], out: Path, draw: Callable[[plt.Axes, str], None]) -> None:
+    """One subplot per field, ``draw(ax, field)`` filling it (lines with labels, title); saved at a fixed size:
     ``columns * SUBPLOT_SIZE_INCHES[0] * DPI`` by ``rows * SUBPLOT_SIZE_INCHES[1] * DPI`` pixels."""
-    for field in fields:
-        if not any(run.values(field) for run in runs):
-            available = sorted(set().union(*(r.records[r.epochs[-1]] for r in runs)))
-            raise LogError(f"--fields {field}: no run logs it; COCO fields are {' '.join(COCO_STAT_NAMES)}, "
-                           f"log keys of the last epochs: {' '.join(available)}")
     rows, columns = figure_grid(len(fields))
     figure, axes = plt.subplots(rows, columns, squeeze=False, dpi=DPI,
                                 figsize=(columns * SUBPLOT_SIZE_INCHES[0], rows * SUBPLOT_SIZE_INCHES[1]))
     for ax, field in zip(axes.flat, fields):
-        percent = field in COCO_STAT_NAMES
-        for index, run in enumerate(runs):
-            values = run.values(field)
-            if not values:
-                continue
-            ys = [100 * v if percent else v for v in values.values()]
-            ax.plot(list(values), ys, marker="o" if len(values) < 30 else None, markersize=3,
-                    color=[c / 255 for c in palette_color(index)], label=run.name)
-        ax.set_title(f"{field} (%)" if percent else field)
+        draw(ax, field)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -156,6 +143,28 @@ def plot_runs(runs: Sequence[Run], fields: Sequence[str], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=DPI)
     plt.close(figure)
+
+
+def plot_runs(runs: Sequence[Run], fields: Sequence[str], out: Path) -> None:
+    """One subplot per field (COCO numbers in percent), one line per run (see :func:`plot_grid`)."""
+    for field in fields:
+        if not any(run.values(field) for run in runs):
+            available = sorted(set().union(*(r.records[r.epochs[-1]] for r in runs)))
+            raise LogError(f"--fields {field}: no run logs it; COCO fields are {' '.join(COCO_STAT_NAMES)}, "
+                           f"log keys of the last epochs: {' '.join(available)}")
+
+    def draw(ax, field: str) -> None:
+        percent = field in COCO_STAT_NAMES
+        for index, run in enumerate(runs):
+            values = run.values(field)
+            if not values:
+                continue
+            ys = [100 * v if percent else v for v in values.values()]
+            ax.plot(list(values), ys, marker="o" if len(values) < 30 else None, markersize=3,
+                    color=[c / 255 for c in palette_color(index)], label=run.name)
+        ax.set_title(f"{field} (%)" if percent else field)
+
+    plot_grid(fields, out, draw)
 
 
 def plot_bands(arms: Dict[str, dict], fields: Sequence[str], out: Path) -> None:
@@ -166,10 +175,8 @@ def plot_bands(arms: Dict[str, dict], fields: Sequence[str], out: Path) -> None:
         if not any(field in arm for arm in arms.values()):
             raise LogError(f"--fields {field}: no arm has it (arm fields: "
                            f"{' '.join(sorted(set().union(*arms.values()) - {'epochs'}))})")
-    rows, columns = figure_grid(len(fields))
-    figure, axes = plt.subplots(rows, columns, squeeze=False, dpi=DPI,
-                                figsize=(columns * SUBPLOT_SIZE_INCHES[0], rows * SUBPLOT_SIZE_INCHES[1]))
-    for ax, field in zip(axes.flat, fields):
+
+    def draw(ax, field: str) -> None:
         scale = 100 if field in COCO_STAT_NAMES else 1
         for index, (name, arm) in enumerate(arms.items()):
             if field not in arm:
@@ -178,20 +185,13 @@ def plot_bands(arms: Dict[str, dict], fields: Sequence[str], out: Path) -> None:
             mean = [scale * v for v in arm[field]["mean"]]
             std = [scale * v for v in arm[field]["std"]]
             runs = len(arm[field].get("runs", [])) or 1
-            ax.plot(arm["epochs"], mean, color=color, label=f"{name} (n={runs})")
+            ax.plot(arm["epochs"], mean, color=color, label=f"{name} (n={runs})",
+                    marker="o" if len(mean) < 30 else None, markersize=3)
             ax.fill_between(arm["epochs"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=color, alpha=0.2, linewidth=0)
         ax.set_title(f"{field} (%), mean ± std" if scale == 100 else f"{field}, mean ± std")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    for ax in axes.flat[len(fields):]:
-        ax.set_visible(False)
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=DPI)
-    plt.close(figure)
+
+    plot_grid(fields, out, draw)
 
 
 def markdown_table(runs: Sequence[Run], metric: str = "AP") -> str:
