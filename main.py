@@ -180,7 +180,8 @@ def main(args: argparse.Namespace) -> None:
     def evaluate_and_log(epoch: int, train_stats: dict, train_time: float) -> None:
         eval_start = time.time()
         results_file = output_dir / "results" / f"epoch{epoch:04}.json" if args.save_results and output_dir else None
-        with preserved_rng_state(device):  # training continues the same whether this epoch is evaluated now or on resume
+        # Training continues the same whether this epoch is evaluated now or (after a stop) on resume.
+        with preserved_rng_state(device):
             test_stats, _ = evaluate(evaluated_model, criterion, postprocessors, data_loader_val, base_ds, device,
                                      amp=args.amp, max_iters=debug_iters, results_file=results_file, logger=logger)
         epoch_time = train_time + time.time() - eval_start
