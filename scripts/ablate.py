@@ -94,7 +94,8 @@ def markdown(rows: List[dict], epochs: int) -> str:
         difference = row.get("final_ap_minus_first_variant")
         instability = (f"{row['mean_matching_instability']:.2f} ({row['mean_matching_instability_per_object']:.2f})"
                        if "mean_matching_instability" in row else "-")
-        lines.append(f"| {row['variant']} | `{row['flags']}` | {row['seeds']} | {100 * row['final_ap_mean']:.1f}{spread} | "
+        lines.append(f"| {row['variant']} | `{row['flags']}` | {row['seeds']} | "
+                     f"{100 * row['final_ap_mean']:.1f}{spread} | "
                      f"{100 * row['best_ap_mean']:.1f} | {100 * row['final_ap50_mean']:.1f} | "
                      f"{'-' if difference is None else f'{100 * difference:+.1f}'} | {instability} |")
     return "\n".join(lines) + "\n"

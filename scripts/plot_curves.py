@@ -3,7 +3,8 @@
     python scripts/plot_curves.py outputs/dn_run outputs/baseline_run --out curves.png
     python scripts/plot_curves.py outputs/*/ --out curves.png --fields AP AP50 loss tgt_loss_bbox
     python scripts/plot_curves.py outputs/dn_run outputs/baseline_run --table
-    python scripts/plot_curves.py --merged docs/results/convergence/epochs.json --out curves.png --fields AP matching_instability
+    python scripts/plot_curves.py --merged docs/results/convergence/epochs.json --out curves.png \
+        --fields AP matching_instability
 
 Each argument is a run folder (its ``log.txt`` is read) or a log file. Fields: the COCO numbers
 ``AP AP50 AP75 APs APm APl AR1 AR10 AR100 ARs ARm ARl`` (from ``test_coco_eval_bbox``, plotted in percent),
