@@ -2,7 +2,7 @@
 
     python scripts/ablate.py                          # the committed ablation (one seed, the half schedule)
     python scripts/ablate.py --only dn_half no_attn_mask_half --seeds 0 1
-    python scripts/ablate.py --variant more_groups "--use_dn --scalar 10" --variant dn_half "--use_dn"
+    python scripts/ablate.py --variant "more_groups=--use_dn --scalar 10" --variant dn_half=--use_dn
 
 Each variant is a set of ``main.py`` flags; every variant runs once per ``--seeds`` value with the same
 shared settings (``--config`` and the flags after ``--``) and schedule (``--epochs``, lr drop after 80% of
@@ -55,10 +55,19 @@ def get_parser() -> argparse.ArgumentParser:
                         help="where finished runs are recorded (default: RESULTS/runs); share it to reuse runs")
     parser.add_argument("--epochs", type=int, default=10, help="the schedule of every run (lr drop after 80%%)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "FLAGS"), default=None,
-                        help="a variant and its main.py flags (one quoted string); repeat it; replaces the defaults")
+    parser.add_argument("--variant", type=variant, action="append", metavar="NAME=FLAGS", default=None,
+                        help="a variant and its main.py flags, e.g. 'bf16=--use_dn --amp'; repeat it for more; "
+                             "replaces the default variants")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these variants")
     return parser
+
+
+def variant(text: str) -> Tuple[str, str]:
+    """``NAME=FLAGS`` of ``--variant`` -> ``(NAME, FLAGS)`` (one value, so that flags starting with -- parse)."""
+    name, separator, flags = text.partition("=")
+    if not separator or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=FLAGS (e.g. 'bf16=--use_dn --amp')")
+    return name.strip(), flags
 
 
 def chosen_variants(args: argparse.Namespace) -> Dict[str, Tuple[str, ...]]:

@@ -14,6 +14,7 @@ from tests.model_utils import TINY_MODEL_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import ablate  # noqa: E402
 import convergence  # noqa: E402
 
 TINY_RUN_FLAGS = ["-m", "dn_dab_detr", *TINY_MODEL_FLAGS, "--train_scales", "64", "80", "--max_size", "128",
@@ -171,3 +172,11 @@ def test_ablate_rejects_an_unknown_variant(tmp_path):
     failed = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablate.py"), "--only", "no_such"], cwd=tmp_path,
                             capture_output=True, text=True)
     assert failed.returncode != 0 and "no_such" in failed.stderr and "dn_half" in failed.stderr
+
+
+def test_ablate_variants_are_name_equals_flags():
+    args = ablate.get_parser().parse_args(["--variant", "dn=--use_dn", "--variant", "bf16=--use_dn --amp"])
+    assert ablate.chosen_variants(args) == {"dn": ("--use_dn",), "bf16": ("--use_dn", "--amp")}
+    assert list(ablate.chosen_variants(ablate.get_parser().parse_args([]))) == list(ablate.DEFAULT_VARIANTS)
+    with pytest.raises(SystemExit):
+        ablate.get_parser().parse_args(["--variant", "--use_dn"])
