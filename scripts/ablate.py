@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # scripts/ (this script's folder) is on the path: experiment.py and plot_curves.py are its neighbours.
 from experiment import (ExperimentError, RunSpec, add_common_arguments, arm_curves, ensure_run,  # noqa: E402
-                        parse_with_main_flags, prepare_data, schedule)
+                        parse_with_main_flags, prepare_experiment, schedule)
 from plot_curves import plot_bands  # noqa: E402
 
 DEFAULT_VARIANTS = {
@@ -115,14 +115,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     variants = chosen_variants(args)
     if not variants:
         raise SystemExit("no variant to run")
-    data = prepare_data(args)
-    shared_flags = ["--config", args.config, *extra]
+    experiment = prepare_experiment(args, extra, args.runs or args.results / "runs")
     epochs, lr_drop = schedule(args.epochs)
     records: Dict[str, List[Path]] = {name: [] for name in variants}
     for seed in args.seeds:
         for name, flags in variants.items():
             spec = RunSpec(name, flags, epochs, lr_drop, seed)
-            records[name].append(ensure_run(spec, shared_flags, data, args.out, args.runs or args.results / "runs"))
+            records[name].append(ensure_run(spec, experiment))
 
     curves = {name: arm_curves(folders) for name, folders in records.items()}
     rows = [variant_row(name, flags, curves[name]) for name, flags in variants.items()]

@@ -1,7 +1,7 @@
 """DN-DETR against its baseline the way the paper measures it: a half-schedule DN run against a
 full-schedule baseline, several seeds per arm, and the matching instability (IS) of every epoch.
 
-    python scripts/convergence.py                        # the committed experiment (about 45 min on 2 CPU cores)
+    python scripts/convergence.py                        # the committed experiment (53 min on 2 CPU cores)
     python scripts/convergence.py --seeds 0 1 --epochs 4 --results /tmp/conv -- --num_queries 20
 
 Three arms, the same model and data; every run evaluates COCO AP and measures IS after each epoch:
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # scripts/ (this script's folder) is on the path: experiment.py and plot_curves.py are its neighbours.
 from experiment import (ExperimentError, RunSpec, add_common_arguments, arm_curves, ensure_run,  # noqa: E402
-                        parse_with_main_flags, prepare_data, schedule)
+                        parse_with_main_flags, prepare_experiment, schedule)
 from plot_curves import plot_bands  # noqa: E402
 
 ARMS = ("baseline_full", "dn_full", "dn_half")
@@ -172,11 +172,10 @@ def markdown(summary: dict, curves: Dict[str, dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args, extra = parse_with_main_flags(get_parser(), argv)
-    data = prepare_data(args)
-    shared_flags = ["--config", args.config, *extra]
+    experiment = prepare_experiment(args, extra, args.results / "runs")
     records: Dict[str, List[Path]] = {arm: [] for arm in args.arms}
     for spec in arm_specs(args.arms, args.epochs, args.seeds):
-        records[spec.arm].append(ensure_run(spec, shared_flags, data, args.out, args.results / "runs"))
+        records[spec.arm].append(ensure_run(spec, experiment))
 
     curves = {arm: arm_curves(folders) for arm, folders in records.items()}
     summary = summarize(curves, args.epochs)

@@ -49,16 +49,31 @@ def parse_with_main_flags(parser: argparse.ArgumentParser, argv: Optional[Sequen
     return parser.parse_args(argv[:split]), argv[split + 1:]
 
 
-def prepare_data(args: argparse.Namespace) -> Path:
-    """``--data``, or the synthetic set generated once in ``--out/data``."""
+@dataclass(frozen=True)
+class Experiment:
+    """What the runs of an experiment share."""
+
+    flags: Tuple[str, ...]  # main.py flags of every run (--config and the flags after --)
+    data: Path  # the COCO-format folder
+    dataset: dict  # how the data was made (recorded with every run): generator settings, or the --data folder
+    work_dir: Path  # every run's output folder (checkpoints) lives here
+    records_dir: Path  # the finished runs' records
+
+
+def prepare_experiment(args: argparse.Namespace, main_flags: Sequence[str], records_dir: Path) -> Experiment:
+    """The shared settings of a script's runs; the synthetic set is generated once in ``--out/data`` unless
+    ``--data`` is given."""
     args.out.mkdir(parents=True, exist_ok=True)
+    flags = ("--config", args.config, *main_flags)
     if args.data is not None:
-        return args.data
+        return Experiment(flags, args.data, {"folder": portable([str(args.data.resolve())])[0]}, args.out,
+                          records_dir)
     data = args.out / "data"
+    settings = {"num_train": args.num_train, "num_val": args.num_val, "seed": args.data_seed, "preset": args.preset,
+                "class_colours": args.class_colours}
     if not (data / "annotations" / "instances_val2017.json").exists():
-        generate_synthetic_coco(data, num_train=args.num_train, num_val=args.num_val, seed=args.data_seed,
-                                preset=args.preset, class_colours=args.class_colours)
-    return data
+        generate_synthetic_coco(data, **settings)
+    return Experiment(flags, data, {"synthetic": settings}, args.out, records_dir)
 
 
 class ExperimentError(RuntimeError):
@@ -91,10 +106,10 @@ def portable(flags: Sequence[str]) -> List[str]:
     return [relative(flag) for flag in flags]
 
 
-def run_settings(spec: RunSpec, shared_flags: Sequence[str]) -> dict:
-    """What makes a run what it is (the data folder and the output folder aside)."""
+def run_settings(spec: RunSpec, experiment: Experiment) -> dict:
+    """What makes a run what it is (where its data and outputs lie aside)."""
     return {"arm": spec.arm, "seed": spec.seed, "epochs": spec.epochs, "lr_drop": spec.lr_drop,
-            "flags": portable([*shared_flags, *spec.flags])}
+            "flags": portable([*experiment.flags, *spec.flags]), "data": experiment.dataset}
 
 
 def logged_epochs(log_file: Path) -> List[int]:
@@ -104,13 +119,13 @@ def logged_epochs(log_file: Path) -> List[int]:
     return sorted(epoch for epoch, record in read_log(log_file).items() if "train_loss" in record)
 
 
-def recorded_run(spec: RunSpec, shared_flags: Sequence[str], results_dir: Path) -> Optional[Path]:
-    """The finished record of ``spec`` under ``results_dir`` (its folder), or None if there is none yet."""
-    record = results_dir / spec.key
+def recorded_run(spec: RunSpec, experiment: Experiment) -> Optional[Path]:
+    """The finished record of ``spec`` (its folder), or None if there is none yet."""
+    record = experiment.records_dir / spec.key
     if not (record / "run.json").exists():
         return None
     recorded = json.loads((record / "run.json").read_text())
-    wanted = run_settings(spec, shared_flags)
+    wanted = run_settings(spec, experiment)
     if recorded != wanted:
         raise ExperimentError(f"{record / 'run.json'} records run {spec.key} with other settings: {recorded} "
                               f"instead of {wanted}; remove that folder to rerun it, or use another results folder")
@@ -119,16 +134,16 @@ def recorded_run(spec: RunSpec, shared_flags: Sequence[str], results_dir: Path) 
     return record
 
 
-def ensure_run(spec: RunSpec, shared_flags: Sequence[str], data: Path, work_dir: Path, results_dir: Path) -> Path:
+def ensure_run(spec: RunSpec, experiment: Experiment) -> Path:
     """The record folder of ``spec``: trained (or resumed) first if it is not complete."""
-    record = recorded_run(spec, shared_flags, results_dir)
+    record = recorded_run(spec, experiment)
     if record is not None:
         print(f"[experiment] {spec.key}: finished ({record}), not retrained", flush=True)
         return record
-    run_dir = work_dir / spec.key
-    command = [sys.executable, str(ROOT / "main.py"), *shared_flags, *spec.flags, "--coco_path", str(data),
-               "--output_dir", str(run_dir), "--seed", str(spec.seed), "--epochs", str(spec.epochs),
-               "--lr_drop", str(spec.lr_drop)]
+    run_dir = experiment.work_dir / spec.key
+    command = [sys.executable, str(ROOT / "main.py"), *experiment.flags, *spec.flags, "--coco_path",
+               str(experiment.data), "--output_dir", str(run_dir), "--seed", str(spec.seed),
+               "--epochs", str(spec.epochs), "--lr_drop", str(spec.lr_drop)]
     checkpoint = run_dir / "checkpoint.pth"
     if checkpoint.exists():
         if logged_epochs(run_dir / "log.txt") == list(range(spec.epochs)):
@@ -144,10 +159,10 @@ def ensure_run(spec: RunSpec, shared_flags: Sequence[str], data: Path, work_dir:
             raise ExperimentError(f"run {spec.key} failed (its log: {run_dir / 'log.txt'}); rerun the script to "
                                   "resume it")
         print(f"[experiment] {spec.key}: trained in {time.time() - start:.0f} s", flush=True)
-    record = results_dir / spec.key
+    record = experiment.records_dir / spec.key
     record.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "log.txt", record / "log.txt")
-    (record / "run.json").write_text(json.dumps(run_settings(spec, shared_flags), indent=2) + "\n")
+    (record / "run.json").write_text(json.dumps(run_settings(spec, experiment), indent=2) + "\n")
     return record
 
 

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import ablate  # noqa: E402
 import convergence  # noqa: E402
+import experiment  # noqa: E402
 
 TINY_RUN_FLAGS = ["-m", "dn_dab_detr", *TINY_MODEL_FLAGS, "--train_scales", "64", "80", "--max_size", "128",
                   "--val_scale", "96", "--crop_resize_scales", "64", "80", "--crop_size", "48", "64",
@@ -84,7 +85,7 @@ def convergence_run(synthetic_coco, tmp_path_factory):
     return root, out, results, arguments
 
 
-def test_convergence_three_arms_two_seeds_then_resumed_from_records_alone(convergence_run):
+def test_convergence_three_arms_two_seeds_then_resumed_from_records_alone(convergence_run, synthetic_coco):
     root, out, results, arguments = convergence_run
     runs = {p.name: p for p in (results / "runs").iterdir()}
     assert set(runs) == {f"{arm}_seed{s}" for arm in convergence.ARMS for s in (0, 1)}
@@ -93,6 +94,7 @@ def test_convergence_three_arms_two_seeds_then_resumed_from_records_alone(conver
         lines = [json.loads(line) for line in (record / "log.txt").read_text().splitlines()]
         assert len(lines) == settings["epochs"] == (1 if key.startswith("dn_half") else 2)
         assert settings["lr_drop"] == (1 if key.startswith("dn_half") else 2) and settings["seed"] == int(key[-1])
+        assert settings["data"] == {"folder": str(Path(synthetic_coco).resolve())}
         assert all("train_matching_instability" in line and "train_matching_instability_per_object" in line
                    for line in lines)
         assert all(("train_tgt_loss_bbox" in line) == key.startswith("dn_") for line in lines)
@@ -180,3 +182,22 @@ def test_ablate_variants_are_name_equals_flags():
     assert list(ablate.chosen_variants(ablate.get_parser().parse_args([]))) == list(ablate.DEFAULT_VARIANTS)
     with pytest.raises(SystemExit):
         ablate.get_parser().parse_args(["--variant", "--use_dn"])
+
+
+def test_generated_data_settings_are_part_of_a_run_record(tmp_path):
+    """A record made on other generated data (here: without class colours) is not reused."""
+    parser = convergence.get_parser()
+    flags = ["--out", str(tmp_path), "--num_train", "2", "--num_val", "1"]
+    coloured = experiment.prepare_experiment(parser.parse_args(flags), [], tmp_path / "runs")
+    assert coloured.dataset == {"synthetic": {"num_train": 2, "num_val": 1, "seed": 0, "preset": "easy",
+                                              "class_colours": True}}
+    spec = experiment.RunSpec("dn_full", ("--use_dn",), 1, 1, 0)
+    record = tmp_path / "runs" / spec.key
+    record.mkdir(parents=True)
+    (record / "run.json").write_text(json.dumps(experiment.run_settings(spec, coloured)))
+    (record / "log.txt").write_text(json.dumps({"epoch": 0, "train_loss": 1.0}) + "\n")
+    assert experiment.recorded_run(spec, coloured) == record
+    plain = experiment.Experiment(coloured.flags, coloured.data, {"synthetic": {
+        **coloured.dataset["synthetic"], "class_colours": False}}, tmp_path, tmp_path / "runs")
+    with pytest.raises(experiment.ExperimentError, match="with other settings"):
+        experiment.recorded_run(spec, plain)
