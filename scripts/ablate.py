@@ -22,7 +22,6 @@ its records with another results folder). Writes
 curves) and ``ablation.png`` (AP and IS per epoch) into ``--results``.
 """
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -31,10 +30,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# scripts/ (this script's folder) is on the path: experiment.py and plot_curves.py are its neighbours.
-from experiment import (ExperimentError, RunSpec, add_common_arguments, arm_curves, ensure_run,  # noqa: E402
-                        parse_with_main_flags, prepare_experiment, schedule)
-from plot_curves import plot_bands  # noqa: E402
+# scripts/ (this script's folder) is on the path: experiment.py is its neighbour.
+from experiment import (RunSpec, add_common_arguments, arm_curves, ensure_run,  # noqa: E402
+                        parse_with_main_flags, prepare_experiment, run_script, schedule, write_report)
 
 DEFAULT_VARIANTS = {
     "dn_half": "--use_dn",
@@ -127,19 +125,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rows = [variant_row(name, flags, curves[name]) for name, flags in variants.items()]
     for row in rows[1:]:
         row["final_ap_minus_first_variant"] = row["final_ap_mean"] - rows[0]["final_ap_mean"]
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "ablation.json").write_text(json.dumps({"epochs": epochs, "rows": rows, "arms": curves},
-                                                           indent=1) + "\n")
     table = markdown(rows, epochs)
-    (args.results / "ablation.md").write_text(table)
-    fields = ["AP"] + [f for f in ("matching_instability",) if any(f in curve for curve in curves.values())]
-    plot_bands(curves, fields, args.results / "ablation.png")
+    write_report(args.results, {"ablation.json": {"epochs": epochs, "rows": rows, "arms": curves},
+                                "ablation.md": table}, curves, ["AP", "matching_instability"], "ablation.png")
     print(table)
-    print(f"[ablate] wrote {args.results}/: ablation.md, ablation.json, ablation.png")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ExperimentError as error:
-        raise SystemExit(f"scripts/ablate.py: error: {error}") from None
+    run_script(main, "scripts/ablate.py")

@@ -24,7 +24,6 @@ recorded there is not retrained (a later session finishes what an earlier one co
 * ``convergence.png``: AP and IS per epoch, seed means with ± std bands.
 """
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -34,10 +33,9 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# scripts/ (this script's folder) is on the path: experiment.py and plot_curves.py are its neighbours.
-from experiment import (ExperimentError, RunSpec, add_common_arguments, arm_curves, ensure_run,  # noqa: E402
-                        parse_with_main_flags, prepare_experiment, schedule)
-from plot_curves import plot_bands  # noqa: E402
+# scripts/ (this script's folder) is on the path: experiment.py is its neighbour.
+from experiment import (RunSpec, add_common_arguments, arm_curves, ensure_run,  # noqa: E402
+                        parse_with_main_flags, prepare_experiment, run_script, schedule, write_report)
 
 ARMS = ("baseline_full", "dn_full", "dn_half")
 EARLY_FRACTION = 0.25  # "early epochs" of the IS comparison: the first quarter of the full schedule
@@ -179,20 +177,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     curves = {arm: arm_curves(folders) for arm, folders in records.items()}
     summary = summarize(curves, args.epochs)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "epochs.json").write_text(json.dumps({"arms": curves}, indent=1) + "\n")
-    (args.results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(summary, curves)
-    (args.results / "convergence.md").write_text(table)
-    fields = ["AP"] + [f for f in ("matching_instability", "matching_instability_per_object")
-                       if any(f in curve for curve in curves.values())]
-    plot_bands(curves, fields, args.results / "convergence.png")
+    write_report(args.results, {"epochs.json": {"arms": curves}, "summary.json": summary, "convergence.md": table},
+                 curves, ["AP", "matching_instability", "matching_instability_per_object"], "convergence.png")
     print(table)
-    print(f"[convergence] wrote {args.results}/: epochs.json, summary.json, convergence.md, convergence.png")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ExperimentError as error:
-        raise SystemExit(f"scripts/convergence.py: error: {error}") from None
+    run_script(main, "scripts/convergence.py")

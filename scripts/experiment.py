@@ -16,12 +16,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from datasets.synthetic import generate_synthetic_coco  # noqa: E402
-from plot_curves import field_value, read_log  # noqa: E402  (scripts/ is this module's folder)
+from plot_curves import field_value, plot_bands, read_log  # noqa: E402  (scripts/ is this module's folder)
 
 # What the experiment tables report per epoch: COCO AP numbers and the matching instability (train_* keys).
 EPOCH_FIELDS = ("AP", "AP50", "matching_instability", "matching_instability_per_object")
@@ -181,3 +181,23 @@ def arm_curves(records: Sequence[Path], fields: Sequence[str] = EPOCH_FIELDS) ->
         curves[field] = {"runs": runs, "mean": [statistics.fmean(values) for values in per_epoch],
                          "std": [statistics.stdev(values) if len(values) > 1 else 0.0 for values in per_epoch]}
     return curves
+
+
+def write_report(results_dir: Path, files: Dict[str, object], curves: Dict[str, dict], fields: Sequence[str],
+                 figure: str) -> None:
+    """Write ``files`` (name -> text, or data saved as JSON) and the ``figure`` of ``curves`` (one subplot per
+    field that some arm has) into ``results_dir``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        text = content if isinstance(content, str) else json.dumps(content, indent=1) + "\n"
+        (results_dir / name).write_text(text)
+    plot_bands(curves, [f for f in fields if any(f in curve for curve in curves.values())], results_dir / figure)
+    print(f"[experiment] wrote {results_dir}/: {', '.join([*files, figure])}", flush=True)
+
+
+def run_script(main: Callable[[], None], prog: str) -> None:
+    """Run an experiment script's ``main``; an :class:`ExperimentError` ends it with a one-line message."""
+    try:
+        main()
+    except ExperimentError as error:
+        raise SystemExit(f"{prog}: error: {error}") from None
