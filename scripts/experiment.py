@@ -33,7 +33,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="working folder: the generated data and every run's checkpoints")
     parser.add_argument("--config", default=str(ROOT / "configs" / "synthetic_convergence.py"),
                         help="main.py settings shared by every run (each run sets --use_dn, schedule and seed)")
-    parser.add_argument("--data", type=Path, default=None, help="COCO-format folder (default: generate one in --out)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="COCO-format folder (default: generate one in --out, per data setting)")
     parser.add_argument("--preset", default="easy", help="synthetic set difficulty when generating")
     parser.add_argument("--class_colours", action=argparse.BooleanOptionalAction, default=True,
                         help="paint each class in its own colour when generating (a cue besides the shape)")
@@ -61,16 +62,18 @@ class Experiment:
 
 
 def prepare_experiment(args: argparse.Namespace, main_flags: Sequence[str], records_dir: Path) -> Experiment:
-    """The shared settings of a script's runs; the synthetic set is generated once in ``--out/data`` unless
-    ``--data`` is given."""
+    """The shared settings of a script's runs; the synthetic set is generated once in ``--out/data_...`` (a
+    folder per generator setting) unless ``--data`` is given."""
     args.out.mkdir(parents=True, exist_ok=True)
     flags = ("--config", args.config, *main_flags)
     if args.data is not None:
         return Experiment(flags, args.data, {"folder": portable([str(args.data.resolve())])[0]}, args.out,
                           records_dir)
-    data = args.out / "data"
     settings = {"num_train": args.num_train, "num_val": args.num_val, "seed": args.data_seed, "preset": args.preset,
                 "class_colours": args.class_colours}
+    # One folder per generator setting: changing a data option never reuses data made with another.
+    colours = "colours" if args.class_colours else "no_colours"
+    data = args.out / f"data_{args.preset}_{colours}_{args.num_train}x{args.num_val}_seed{args.data_seed}"
     if not (data / "annotations" / "instances_val2017.json").exists():
         generate_synthetic_coco(data, **settings)
     return Experiment(flags, data, {"synthetic": settings}, args.out, records_dir)

@@ -197,6 +197,9 @@ def test_generated_data_settings_are_part_of_a_run_record(tmp_path):
     (record / "run.json").write_text(json.dumps(experiment.run_settings(spec, coloured)))
     (record / "log.txt").write_text(json.dumps({"epoch": 0, "train_loss": 1.0}) + "\n")
     assert experiment.recorded_run(spec, coloured) == record
+    uncoloured = experiment.prepare_experiment(parser.parse_args([*flags, "--no-class_colours"]), [], tmp_path)
+    assert uncoloured.data != coloured.data and uncoloured.dataset["synthetic"]["class_colours"] is False
+    assert (uncoloured.data / "annotations" / "instances_train2017.json").exists()
     plain = experiment.Experiment(coloured.flags, coloured.data, {"synthetic": {
         **coloured.dataset["synthetic"], "class_colours": False}}, tmp_path, tmp_path / "runs")
     with pytest.raises(experiment.ExperimentError, match="with other settings"):
