@@ -239,7 +239,7 @@ def probe_matching(model: torch.nn.Module, matcher: torch.nn.Module, data_loader
         targets = move_targets(targets, device)
         with autocast(device, amp):
             outputs = model(samples.to(device, non_blocking=True))
-        matches = matcher({"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}, targets)
+        matches = matcher(outputs, targets)  # the final layer's pred_logits and pred_boxes
         assignments.append(assignment_from_matches(matches, outputs["pred_logits"].shape[1]))
         num_objects += [len(t["labels"]) for t in targets]
     model.train(was_training)

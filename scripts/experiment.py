@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from datasets.synthetic import generate_synthetic_coco  # noqa: E402
+from main import logged_training_epochs  # noqa: E402
 from plot_curves import field_value, plot_bands, read_log  # noqa: E402  (scripts/ is this module's folder)
 
 # What the experiment tables report per epoch: COCO AP numbers and the matching instability (train_* keys).
@@ -67,7 +68,7 @@ def prepare_experiment(args: argparse.Namespace, main_flags: Sequence[str], reco
     args.out.mkdir(parents=True, exist_ok=True)
     flags = ("--config", args.config, *main_flags)
     if args.data is not None:
-        return Experiment(flags, args.data, {"folder": portable([str(args.data.resolve())])[0]}, args.out,
+        return Experiment(flags, args.data, {"folder": project_relative(str(args.data.resolve()))}, args.out,
                           records_dir)
     settings = {"num_train": args.num_train, "num_val": args.num_val, "seed": args.data_seed, "preset": args.preset,
                 "class_colours": args.class_colours}
@@ -101,25 +102,21 @@ def schedule(epochs: int) -> Tuple[int, int]:
     return epochs, max(round(0.8 * epochs), 1)
 
 
-def portable(flags: Sequence[str]) -> List[str]:
-    """``flags`` with paths inside the project written relative to it (for the committed records)."""
-    def relative(flag: str) -> str:
-        path = Path(flag)
-        return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else flag
-    return [relative(flag) for flag in flags]
+def project_relative(flag: str) -> str:
+    """``flag`` written relative to the project if it is a path inside it (for the committed records)."""
+    path = Path(flag)
+    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else flag
 
 
 def run_settings(spec: RunSpec, experiment: Experiment) -> dict:
     """What makes a run what it is (where its data and outputs lie aside)."""
     return {"arm": spec.arm, "seed": spec.seed, "epochs": spec.epochs, "lr_drop": spec.lr_drop,
-            "flags": portable([*experiment.flags, *spec.flags]), "data": experiment.dataset}
+            "flags": [project_relative(flag) for flag in (*experiment.flags, *spec.flags)], "data": experiment.dataset}
 
 
-def logged_epochs(log_file: Path) -> List[int]:
-    """Epochs with a training line in ``log_file`` (none if it does not exist)."""
-    if not log_file.exists() or not log_file.read_text().strip():
-        return []
-    return sorted(epoch for epoch, record in read_log(log_file).items() if "train_loss" in record)
+def logged_epochs(folder: Path) -> List[int]:
+    """Epochs with a training line in ``folder/log.txt`` (none without the file)."""
+    return sorted(logged_training_epochs(folder))
 
 
 def recorded_run(spec: RunSpec, experiment: Experiment) -> Optional[Path]:
@@ -132,7 +129,7 @@ def recorded_run(spec: RunSpec, experiment: Experiment) -> Optional[Path]:
     if recorded != wanted:
         raise ExperimentError(f"{record / 'run.json'} records run {spec.key} with other settings: {recorded} "
                               f"instead of {wanted}; remove that folder to rerun it, or use another results folder")
-    if logged_epochs(record / "log.txt") != list(range(spec.epochs)):
+    if logged_epochs(record) != list(range(spec.epochs)):
         raise ExperimentError(f"{record / 'log.txt'} does not hold epochs 0..{spec.epochs - 1} of run {spec.key}")
     return record
 
@@ -149,7 +146,7 @@ def ensure_run(spec: RunSpec, experiment: Experiment) -> Path:
                "--epochs", str(spec.epochs), "--lr_drop", str(spec.lr_drop)]
     checkpoint = run_dir / "checkpoint.pth"
     if checkpoint.exists():
-        if logged_epochs(run_dir / "log.txt") == list(range(spec.epochs)):
+        if logged_epochs(run_dir) == list(range(spec.epochs)):
             command = None  # trained and logged; only the record is missing
         else:
             command += ["--resume", str(checkpoint)]
