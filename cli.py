@@ -136,6 +136,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "backward pass instead of keeping them (less memory, more compute, same gradients)")
     parser.add_argument("--checkpoint_decoder", action=argparse.BooleanOptionalAction, default=False,
                         help="activation checkpointing of the decoder layers")
+    parser.add_argument("--checkpoint_backbone", action=argparse.BooleanOptionalAction, default=False,
+                        help="activation checkpointing of the trainable backbone stages, one stage at a time "
+                             "(needs --batch_norm_type FrozenBatchNorm2d)")
     parser.add_argument("--two_stage", action="store_true",
                         help="dn_dab_dino_deformable_detr: matching queries selected from encoder proposals "
                              "(not supported by the other models)")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -47,7 +48,12 @@ def load_imagenet_weights(name: str) -> Dict[str, torch.Tensor]:
 
 
 class Backbone(nn.Module):
-    """A torchvision ResNet returning the requested stages with their downsampled padding masks."""
+    """A torchvision ResNet returning the requested stages with their downsampled padding masks.
+
+    ``checkpoint_stages`` turns on activation checkpointing of the trainable stages: only a stage's input is
+    kept for the backward pass, its activations are recomputed there, one stage at a time (frozen stages keep
+    nothing for backward anyway).
+    """
 
     def __init__(self, name: str, train_backbone: bool, return_layers: List[str], dilation: bool,
                  norm_layer: str = "FrozenBatchNorm2d", pretrained: bool = True):
@@ -63,6 +69,7 @@ class Backbone(nn.Module):
             trainable = train_backbone and any(stage in param_name for stage in ("layer2", "layer3", "layer4"))
             param.requires_grad_(trainable)
         self.body = IntermediateLayerGetter(resnet, return_layers={layer: layer for layer in return_layers})
+        self.checkpoint_stages = False
         stage_channels = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
         expansion = 4 if name in ("resnet50", "resnet101") else 1
         self.num_channels = [stage_channels[layer] * expansion for layer in return_layers]
@@ -71,8 +78,18 @@ class Backbone(nn.Module):
             self.strides[-1] //= 2
 
     def forward(self, tensor_list: NestedTensor) -> List[NestedTensor]:
-        features = self.body(tensor_list.tensors)
-        return [NestedTensor(x, resize_mask(tensor_list.mask, x.shape[-2:])) for x in features.values()]
+        x, features = tensor_list.tensors, []
+        for name, stage in self.body.items():  # the stem's modules, then layer1 .. layer4
+            x = self.run_stage(stage, x)
+            if name in self.body.return_layers:
+                features.append(x)
+        return [NestedTensor(x, resize_mask(tensor_list.mask, x.shape[-2:])) for x in features]
+
+    def run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        trainable = any(param.requires_grad for param in stage.parameters())
+        if not (self.checkpoint_stages and trainable and torch.is_grad_enabled()):
+            return stage(x)
+        return checkpoint(stage, x, use_reentrant=False)
 
 
 def resize_mask(mask: torch.Tensor, size) -> torch.Tensor:
@@ -95,6 +112,9 @@ class Joiner(nn.Sequential):
 
 
 def build_backbone(args, return_layers: List[str], deformable: bool) -> Joiner:
+    if args.checkpoint_backbone and args.batch_norm_type != "FrozenBatchNorm2d":
+        raise ValueError(f"--checkpoint_backbone needs --batch_norm_type FrozenBatchNorm2d, not "
+                         f"{args.batch_norm_type}: recomputing a block would update its running statistics twice")
     backbone = Backbone(
         args.backbone,
         train_backbone=args.lr_backbone > 0,
@@ -103,4 +123,5 @@ def build_backbone(args, return_layers: List[str], deformable: bool) -> Joiner:
         norm_layer=args.batch_norm_type,
         pretrained=not args.no_pretrained_backbone,
     )
+    backbone.checkpoint_stages = args.checkpoint_backbone
     return Joiner(backbone, build_position_encoding(args, deformable))
