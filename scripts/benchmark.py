@@ -29,6 +29,12 @@ Per model x denoising setting:
   ``torch.utils.flop_counter.FlopCounterMode`` (FLOP = 2 x multiply-accumulate);
 * the DN overhead: median train step with denoising / without.
 
+``--compare "FLAGS"`` measures every setting a second time with these ``main.py`` flags added (one quoted
+string: ``--compare "--compile"``, ``--compare "--checkpoint_encoder --checkpoint_decoder"``): both versions
+are built side by side and their steps take turns like the denoising settings', and the report adds the
+ratios compared / plain of the train step, the inference throughput and the peak memory. Back-to-back runs
+of the script on a shared CPU differ by 10% and more; taken in turns, the ratio is far steadier.
+
 The device is synchronised after every timed call. ``--compile`` wraps the model in ``torch.compile`` and
 falls back to eager mode with a message if compiling fails. ``--profile`` runs ``torch.profiler`` over a few
 training steps and prints the top operators by self time (CPU, and CUDA on a GPU) plus the time of each
@@ -42,6 +48,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 from functools import partial
@@ -95,6 +102,9 @@ def get_benchmark_parser() -> argparse.ArgumentParser:
     group.add_argument("--profile", action="store_true", help="profile training steps, print the top ops")
     group.add_argument("--profile_steps", type=int, default=3, help="training steps under the profiler")
     group.add_argument("--profile_rows", type=int, default=20, help="operators listed per profiler table")
+    group.add_argument("--compare", default=None, metavar="FLAGS",
+                       help="also measure every setting with these main.py flags added (one quoted string, e.g. "
+                            "\"--compile\"); the two take turns and the report gives the ratios")
     group.add_argument("--out", type=Path, default=None, help="write all numbers and the environment as JSON")
     return parser
 
@@ -138,6 +148,7 @@ class Setup:
     def __init__(self, args: argparse.Namespace, use_dn: bool, device: torch.device):
         run_args = copy.copy(args)
         run_args.use_dn = use_dn
+        self.args = run_args
         torch.manual_seed(args.seed)  # identical initial weights with and without denoising
         model, criterion, postprocessors = build_model(run_args)
         self.model = model.to(device)
@@ -166,10 +177,10 @@ class Setup:
         self.net = self.model
 
 
-def make_train_step(setup: Setup, samples: NestedTensor, targets, device: torch.device, amp: bool,
-                    max_norm: float):
+def make_train_step(setup: Setup, samples: NestedTensor, targets, device: torch.device):
     """One optimisation step as engine.train_one_epoch runs it, minus the loss logging."""
     model, criterion, optimizer, scaler = setup.model, setup.criterion, setup.optimizer, setup.scaler
+    amp, max_norm = setup.args.amp, setup.args.clip_max_norm
 
     def step():
         with autocast(device, amp):
@@ -187,14 +198,14 @@ def make_train_step(setup: Setup, samples: NestedTensor, targets, device: torch.
     return step
 
 
-def make_inference(setup: Setup, samples: NestedTensor, device: torch.device, amp: bool):
+def make_inference(setup: Setup, samples: NestedTensor, device: torch.device):
     """Detections of one batch as engine.evaluate computes them (model + post-processor, no gradients)."""
     batch, _, height, width = samples.tensors.shape
     target_sizes = torch.tensor([[height, width]] * batch, device=device)
 
     @torch.no_grad()
     def infer():
-        with autocast(device, amp):
+        with autocast(device, setup.args.amp):
             outputs = setup.net(samples)
         setup.postprocess(outputs, target_sizes)
 
@@ -265,12 +276,13 @@ def dn_query_count(args: argparse.Namespace, num_objects: int) -> int:
 
 def prepare_setting(args: argparse.Namespace, use_dn: bool, device: torch.device, samples: NestedTensor,
                     targets) -> Tuple[Setup, Callable[[], None], Dict]:
-    """Build one denoising setting, count its parameters and FLOPs, warm its training step up and measure
-    the step's peak memory. Returns the setup, its training step and the numbers so far."""
+    """Build one setting (denoising on or off, ``args.compare`` its extra flags or None), count its
+    parameters and FLOPs, warm its training step up and measure the step's peak memory. Returns the setup,
+    its training step and the numbers so far."""
     held_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     setup = Setup(args, use_dn, device)
     result = {
-        "model": args.modelname, "use_dn": use_dn, "dn_queries": dn_query_count(args, args.num_objects) if use_dn else 0,
+        "model": args.modelname, "compared_flags": args.compare, "use_dn": use_dn, "dn_queries": dn_query_count(args, args.num_objects) if use_dn else 0,
         "params_total": sum(p.numel() for p in setup.model.parameters()),
         "params_trainable": sum(p.numel() for p in setup.model.parameters() if p.requires_grad),
         "gflops_per_image": inference_gflops_per_image(setup.model, samples),
@@ -278,8 +290,7 @@ def prepare_setting(args: argparse.Namespace, use_dn: bool, device: torch.device
     setup.model.train()
     setup.criterion.train()
     torch.manual_seed(args.seed)  # the same denoising noise in every run
-    step = first_call(setup, partial(make_train_step, setup, samples, targets, device, args.amp, args.clip_max_norm),
-                      "training step")
+    step = first_call(setup, partial(make_train_step, setup, samples, targets, device), "training step")
     result["compiled_train"] = setup.compiled
     for _ in range(args.warmup - 1):
         step()
@@ -295,29 +306,33 @@ def prepare_setting(args: argparse.Namespace, use_dn: bool, device: torch.device
     return setup, step, result
 
 
-def benchmark_settings(args: argparse.Namespace, device: torch.device, samples: NestedTensor, targets) -> List[Dict]:
-    """Measure every requested denoising setting. The timed training steps (and inference calls) of the
-    settings alternate (``interleaved_timed_runs_ms``), so that load changes on a shared machine do not
-    bias the DN overhead."""
-    prepared = [prepare_setting(args, use_dn, device, samples, targets) for use_dn in DN_SETTINGS[args.dn]]
+def benchmark_settings(variants: List[argparse.Namespace], device: torch.device, samples: NestedTensor,
+                       targets) -> List[Dict]:
+    """Measure every requested denoising setting of every variant (the plain arguments, and those with the
+    ``--compare`` flags). The timed training steps (and inference calls) of all settings alternate
+    (``interleaved_timed_runs_ms``), so that load changes on a shared machine do not bias their ratios."""
+    prepared = [prepare_setting(args, use_dn, device, samples, targets)
+                for args in variants for use_dn in DN_SETTINGS[args.dn]]
     setups = [setup for setup, _, _ in prepared]
     results = [result for _, _, result in prepared]
-    step_times = interleaved_timed_runs_ms([step for _, step, _ in prepared], device, args.iters)
+    step_times = interleaved_timed_runs_ms([step for _, step, _ in prepared], device, variants[0].iters)
     for (setup, step, result), times in zip(prepared, step_times):
         result.update({"train_step_ms": statistics.median(times), "train_step_ms_runs": times})
-        if args.profile:
-            label = f"{args.modelname}, DN {'on' if result['use_dn'] else 'off'}"
-            result["profile"] = profile_training(step, device, args.profile_steps, args.profile_rows, label)
+        if setup.args.profile:
+            label = f"{setup.args.modelname}{variant_label(result)}, DN {'on' if result['use_dn'] else 'off'}"
+            result["profile"] = profile_training(step, device, setup.args.profile_steps, setup.args.profile_rows,
+                                                 label)
 
     infers = []
     for setup in setups:
         setup.model.eval()
-        infer = first_call(setup, partial(make_inference, setup, samples, device, args.amp), "inference")
-        for _ in range(args.warmup - 1):
+        infer = first_call(setup, partial(make_inference, setup, samples, device), "inference")
+        for _ in range(setup.args.warmup - 1):
             infer()
         infers.append(infer)
     batch = samples.tensors.shape[0]
-    for setup, result, times in zip(setups, results, interleaved_timed_runs_ms(infers, device, args.iters)):
+    iters = variants[0].iters
+    for setup, result, times in zip(setups, results, interleaved_timed_runs_ms(infers, device, iters)):
         median = statistics.median(times)
         result.update({"inference_ms": median, "inference_ms_runs": times, "images_per_s": batch / (median / 1e3),
                        "compiled_inference": setup.compiled, "compile_error": setup.compile_error})
@@ -340,11 +355,44 @@ def environment(device: torch.device) -> Dict:
     return env
 
 
+def variant_label(result: Dict) -> str:
+    return f" [{result['compared_flags']}]" if result["compared_flags"] else ""
+
+
+def dn_overheads(results: List[Dict]) -> Dict[Optional[str], float]:
+    """Per variant (its ``--compare`` flags, None for the plain one): median train step with DN / without."""
+    steps = {(row["compared_flags"], row["use_dn"]): row["train_step_ms"] for row in results}
+    return {flags: steps[flags, True] / steps[flags, False] for flags, use_dn in steps if use_dn
+            and (flags, False) in steps}
+
+
+def comparisons(results: List[Dict]) -> List[Dict]:
+    """Per denoising setting measured with ``--compare``: the compared version's figures / the plain one's."""
+    plain = {row["use_dn"]: row for row in results if row["compared_flags"] is None}
+    return [{"compared_flags": row["compared_flags"], "use_dn": row["use_dn"],
+             "train_step_ratio": row["train_step_ms"] / plain[row["use_dn"]]["train_step_ms"],
+             "images_per_s_ratio": row["images_per_s"] / plain[row["use_dn"]]["images_per_s"],
+             "peak_memory_ratio": row["peak_memory_mib"] / plain[row["use_dn"]]["peak_memory_mib"]}
+            for row in results if row["compared_flags"] is not None]
+
+
+def compared_args(parser: argparse.ArgumentParser, argv: Optional[List[str]], args: argparse.Namespace
+                  ) -> argparse.Namespace:
+    """The arguments of ``--compare``'s variant: the command line with the compared flags appended."""
+    compared = parse_args(parser, list(sys.argv[1:] if argv is None else argv) + shlex.split(args.compare))
+    for flag in ("dn", "image_size", "batch_size", "num_objects", "num_classes", "iters", "warmup", "seed", "device",
+                 "threads", "modelname"):
+        if getattr(compared, flag) != getattr(args, flag):
+            parser.error(f"--compare {args.compare!r} changes --{flag}: it may change the model and its training "
+                         "only, so that both versions run the same batch the same way")
+    return compared
+
+
 def memory_kind(device: torch.device) -> str:
     return "CUDA max allocated" if device.type == "cuda" else "peak RSS rise of a step"
 
 
-def print_report(settings: Dict, env: Dict, results: List[Dict], dn_overhead: Optional[float]) -> None:
+def print_report(settings: Dict, env: Dict, results: List[Dict]) -> None:
     height, width = settings["image_size"]
     load = f", load average {env['load_average_start'][0]:.2f}" if "load_average_start" in env else ""
     print(f"\nBenchmark: {env['device_name']}, torch {env['torch']}, {env['torch_threads']} threads{load}; "
@@ -356,19 +404,25 @@ def print_report(settings: Dict, env: Dict, results: List[Dict], dn_overhead: Op
           f"{settings['peak_memory_kind']}) | params (M, total / trainable) | GFLOPs/img | "
           "DN overhead (step) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
+    overheads = dn_overheads(results)
     for row in results:
         dn = f"on ({row['dn_queries']} DN queries)" if row["use_dn"] else "off"
-        overhead = f"{dn_overhead:.3f}x" if row["use_dn"] and dn_overhead is not None else ""
+        dn_overhead = overheads.get(row["compared_flags"]) if row["use_dn"] else None
+        overhead = "" if dn_overhead is None else f"{dn_overhead:.3f}x"
         approx = "" if row["peak_memory_exact"] else " (lower bound)"
         compiled = {(True, True): " (compiled)", (True, False): " (compiled: training only)",
                     (False, False): ""}[row["compiled_train"], row["compiled_inference"]]
-        print(f"| {row['model']}{compiled} | {dn} | {row['train_step_ms']:.1f} | {row['images_per_s']:.2f} | "
+        print(f"| {row['model']}{variant_label(row)}{compiled} | {dn} | {row['train_step_ms']:.1f} | {row['images_per_s']:.2f} | "
               f"{row['peak_memory_mib']:.0f}{approx} | {row['params_total'] / 1e6:.2f} / "
               f"{row['params_trainable'] / 1e6:.2f} | {row['gflops_per_image']:.1f} | {overhead} |")
-    if dn_overhead is not None:
-        print(f"\nDN overhead (median train step with DN / without): {dn_overhead:.3f}x")
+    if None in overheads:
+        print(f"\nDN overhead (median train step with DN / without): {overheads[None]:.3f}x")
     else:
         print("\nDN overhead: not measured (needs --dn both)")
+    for ratio in comparisons(results):
+        print(f"[{ratio['compared_flags']}] / plain, DN {'on' if ratio['use_dn'] else 'off'}: train step "
+              f"{ratio['train_step_ratio']:.3f}x, inference throughput {ratio['images_per_s_ratio']:.3f}x, "
+              f"peak train memory {ratio['peak_memory_ratio']:.3f}x")
     print(f"Note: {FLOP_NOTE}.")
 
 
@@ -376,34 +430,38 @@ def main(argv=None) -> None:
     parser = get_benchmark_parser()
     args = parse_args(parser, argv)
     check_args(parser, args)
-    args.no_pretrained_backbone = True
+    plain = copy.copy(args)
+    plain.compare = None
+    variants = [plain] + ([compared_args(parser, argv, args)] if args.compare else [])
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    if args.image_size is None:
-        args.image_size = list(CUDA_IMAGE_SIZE if device.type == "cuda" else OTHER_IMAGE_SIZE)
-    num_classes = resolve_num_classes(args)
+    image_size = args.image_size or list(CUDA_IMAGE_SIZE if device.type == "cuda" else OTHER_IMAGE_SIZE)
+    for run_args in [args] + variants:
+        run_args.no_pretrained_backbone = True
+        run_args.image_size = image_size
+        num_classes = resolve_num_classes(run_args)
     env = environment(device)
 
     samples, targets = synthetic_batch(args.batch_size, args.image_size, args.num_objects, num_classes, args.seed)
     samples = samples.to(device)
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
 
-    results = benchmark_settings(args, device, samples, targets)
-    by_dn = {row["use_dn"]: row for row in results}
-    dn_overhead = (by_dn[True]["train_step_ms"] / by_dn[False]["train_step_ms"]) if len(by_dn) == 2 else None
+    results = benchmark_settings(variants, device, samples, targets)
     if hasattr(os, "getloadavg"):
         env["load_average_end"] = list(os.getloadavg())
 
     settings = {"model": args.modelname, "config": args.config, "backbone": args.backbone,
                 "image_size": list(args.image_size), "batch_size": args.batch_size, "num_objects": args.num_objects,
                 "num_classes": num_classes, "amp": args.amp, "compile": args.compile, "dn": args.dn,
+                "compare": args.compare,
                 "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
                 "peak_memory_kind": memory_kind(device)}
-    print_report(settings, env, results, dn_overhead)
+    print_report(settings, env, results)
     if args.out is not None:
         report = {"environment": env, "settings": settings, "results": results,
-                  "dn_overhead": {"train_step_ratio": dn_overhead}, "notes": [FLOP_NOTE],
+                  "dn_overhead": {"train_step_ratio": dn_overheads(results).get(None)},
+                  "comparisons": comparisons(results), "notes": [FLOP_NOTE],
                   "args": {k: v for k, v in vars(args).items() if k != "out"}}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")

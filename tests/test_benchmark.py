@@ -75,7 +75,11 @@ def test_benchmark_runs_on_tiny_models(tmp_path):
                                  "--profile", "--profile_steps", "1", "--profile_rows", "5")
     dino_out = tmp_path / "dino.json"
     dino = start_benchmark(dino_out, "--config", str(ROOT / "configs" / "dn_dab_dino_deformable_detr_r50.py"))
+    compared_out = tmp_path / "compared.json"
+    compared = start_benchmark(compared_out, "-m", "dn_dab_detr", "--dn", "on",
+                               "--compare", "--checkpoint_encoder --checkpoint_backbone")
     detr_stdout, deformable_stdout, dino_stdout = finish(detr), finish(deformable), finish(dino)
+    compared_stdout = finish(compared)
 
     detr_report = json.loads(detr_out.read_text())
     check_report(detr_report, "dn_dab_detr", detr_stdout)
@@ -97,6 +101,20 @@ def test_benchmark_runs_on_tiny_models(tmp_path):
     check_report(dino_report, "dn_dab_dino_deformable_detr", dino_stdout, dn_queries=5 * 2 * 7)
     assert dino_report["args"]["contrastive"] and dino_report["args"]["two_stage"]
 
+    # --compare: the plain and the checkpointed version of the same setting, and their ratios.
+    compared_report = json.loads(compared_out.read_text())
+    plain, checkpointed = compared_report["results"]
+    flags = "--checkpoint_encoder --checkpoint_backbone"
+    assert (plain["compared_flags"], checkpointed["compared_flags"]) == (None, flags)
+    assert plain["use_dn"] and checkpointed["use_dn"]
+    assert plain["params_total"] == checkpointed["params_total"]
+    [ratio] = compared_report["comparisons"]
+    assert ratio["train_step_ratio"] == checkpointed["train_step_ms"] / plain["train_step_ms"]
+    assert ratio["peak_memory_ratio"] == checkpointed["peak_memory_mib"] / plain["peak_memory_mib"]
+    assert ratio["images_per_s_ratio"] == checkpointed["images_per_s"] / plain["images_per_s"]
+    assert f"| dn_dab_detr [{flags}] | on (35 DN queries) |" in compared_stdout
+    assert f"[{flags}] / plain, DN on: train step {ratio['train_step_ratio']:.3f}x" in compared_stdout
+
 
 def test_benchmark_rejects_bad_settings(capsys):
     spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
@@ -106,3 +124,7 @@ def test_benchmark_rejects_bad_settings(capsys):
         benchmark.main(["-m", "dn_dab_detr", "--iters", "0"])
     assert exit_info.value.code == 2
     assert "--iters must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["-m", "dn_dab_detr", "--compare", "--batch_size 4"])
+    assert exit_info.value.code == 2
+    assert "--compare '--batch_size 4' changes --batch_size" in capsys.readouterr().err
