@@ -30,7 +30,8 @@ Per model x denoising setting:
 * the DN overhead: median train step with denoising / without.
 
 ``--compare "FLAGS"`` measures every setting a second time with these ``main.py`` flags added (one quoted
-string: ``--compare "--compile"``, ``--compare "--checkpoint_encoder --checkpoint_decoder"``): both versions
+string: ``--compare=--compile``, ``--compare "--checkpoint_encoder --checkpoint_decoder"``; a single flag
+needs the ``=``, or argparse reads it as an option of its own): both versions
 are built side by side and their steps take turns like the denoising settings', and the report adds the
 ratios compared / plain of the train step, the inference throughput and the peak memory. Back-to-back runs
 of the script on a shared CPU differ by 10% and more; taken in turns, the ratio is far steadier.
@@ -104,7 +105,7 @@ def get_benchmark_parser() -> argparse.ArgumentParser:
     group.add_argument("--profile_rows", type=int, default=20, help="operators listed per profiler table")
     group.add_argument("--compare", default=None, metavar="FLAGS",
                        help="also measure every setting with these main.py flags added (one quoted string, e.g. "
-                            "\"--compile\"); the two take turns and the report gives the ratios")
+                            "--compare=--compile); the two take turns and the report gives the ratios")
     group.add_argument("--out", type=Path, default=None, help="write all numbers and the environment as JSON")
     return parser
 
