@@ -109,6 +109,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_norm_type", type=str, default="FrozenBatchNorm2d",
                         choices=["FrozenBatchNorm2d", "BatchNorm2d", "SyncBatchNorm"],
                         help="backbone normalisation (official checkpoints use FrozenBatchNorm2d)")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
+                        help="run the backbone in channels-last memory format: faster convolutions on CPUs "
+                             "(oneDNN) and tensor-core GPUs, the same arithmetic up to rounding")
     parser.add_argument("--no_pretrained_backbone", action=argparse.BooleanOptionalAction, default=False,
                         help="do not load torchvision ImageNet weights into the backbone")
     parser.add_argument("--position_embedding", type=str, default="sine", choices=["sine", "learned"])
