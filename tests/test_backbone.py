@@ -1,12 +1,18 @@
 """The backbone's frozen batch norm and its channels-last mode change speed, never the float32 result."""
+import json
+import math
+
 import pytest
 import torch
 from torchvision.ops import misc
 
+from cli import get_args_parser
 from engine import weighted_loss
+from main import main
 from models import build_model
 from models.backbone import FrozenBatchNorm2d
-from tests.model_utils import random_images, random_targets, tiny_args
+from tests.model_utils import random_images, random_targets, tiny_args, tiny_main_flags
+from util.config import parse_args
 
 
 def frozen_norms():
@@ -68,3 +74,15 @@ def test_channels_last_backbone_gives_the_same_loss_gradients_and_state_dict():
     model.load_state_dict(channels_last.state_dict(), strict=True)
     channels_last.load_state_dict(model.state_dict(), strict=True)
     assert conv.is_contiguous(memory_format=torch.channels_last)  # loading keeps the parameter's layout
+
+
+def test_main_trains_with_every_speed_and_memory_flag(synthetic_coco, tmp_path):
+    """One epoch of main.py with bfloat16 autocast, the channels-last backbone and checkpointing everywhere."""
+    out = tmp_path / "run"
+    main(parse_args(get_args_parser(), tiny_main_flags(
+        synthetic_coco, out, "--epochs", "1", "--amp", "--channels_last", "--checkpoint_backbone",
+        "--checkpoint_encoder", "--checkpoint_decoder")))
+    logged = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert math.isfinite(logged["train_loss"]) and len(logged["test_coco_eval_bbox"]) == 12
+    saved_args = torch.load(out / "checkpoint.pth", weights_only=True)["args"]
+    assert saved_args["channels_last"] and saved_args["checkpoint_backbone"]
