@@ -141,17 +141,25 @@ def ensure_run(spec: RunSpec, experiment: Experiment) -> Path:
         print(f"[experiment] {spec.key}: finished ({record}), not retrained", flush=True)
         return record
     run_dir = experiment.work_dir / spec.key
+    settings = run_settings(spec, experiment)
     command = [sys.executable, str(ROOT / "main.py"), *experiment.flags, *spec.flags, "--coco_path",
                str(experiment.data), "--output_dir", str(run_dir), "--seed", str(spec.seed),
                "--epochs", str(spec.epochs), "--lr_drop", str(spec.lr_drop)]
-    checkpoint = run_dir / "checkpoint.pth"
+    checkpoint, started = run_dir / "checkpoint.pth", run_dir / "run.json"
     if checkpoint.exists():
+        begun = json.loads(started.read_text()) if started.exists() else "not recorded"
+        if begun != settings:
+            raise ExperimentError(f"{run_dir} holds an unfinished run {spec.key} started with other settings "
+                                  f"({begun}) instead of {settings}; remove that folder to start the run over, or "
+                                  "use another --out")
         if logged_epochs(run_dir) == list(range(spec.epochs)):
             command = None  # trained and logged; only the record is missing
         else:
             command += ["--resume", str(checkpoint)]
     else:
         command += ["--overwrite_output_dir"]  # a folder without a checkpoint holds nothing to keep
+        run_dir.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps(settings, indent=2) + "\n")  # resumed only with these settings
     if command is not None:
         print(f"[experiment] {spec.key}: {' '.join(command)}", flush=True)
         start = time.time()
@@ -162,7 +170,7 @@ def ensure_run(spec: RunSpec, experiment: Experiment) -> Path:
     record = experiment.records_dir / spec.key
     record.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "log.txt", record / "log.txt")
-    (record / "run.json").write_text(json.dumps(run_settings(spec, experiment), indent=2) + "\n")
+    (record / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
     return record
 
 

@@ -204,3 +204,21 @@ def test_generated_data_settings_are_part_of_a_run_record(tmp_path):
         **coloured.dataset["synthetic"], "class_colours": False}}, tmp_path, tmp_path / "runs")
     with pytest.raises(experiment.ExperimentError, match="with other settings"):
         experiment.recorded_run(spec, plain)
+
+
+def test_an_unfinished_run_is_resumed_only_with_the_settings_it_started_with(tmp_path):
+    """A half-trained run's folder (a checkpoint, no record) made on other data is refused, not resumed."""
+    flags = ["--out", str(tmp_path), "--num_train", "2", "--num_val", "1"]
+    coloured = experiment.prepare_experiment(convergence.get_parser().parse_args(flags), [], tmp_path / "runs")
+    uncoloured = experiment.prepare_experiment(convergence.get_parser().parse_args([*flags, "--no-class_colours"]),
+                                               [], tmp_path / "runs")
+    spec = experiment.RunSpec("dn_full", ("--use_dn",), 2, 1, 0)
+    run_dir = tmp_path / spec.key
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pth").write_bytes(b"")
+    (run_dir / "run.json").write_text(json.dumps(experiment.run_settings(spec, coloured)))
+    with pytest.raises(experiment.ExperimentError, match="unfinished run dn_full_seed0 started with other settings"):
+        experiment.ensure_run(spec, uncoloured)
+    (run_dir / "run.json").unlink()  # a folder that does not say how its run began is not guessed at either
+    with pytest.raises(experiment.ExperimentError, match="not recorded"):
+        experiment.ensure_run(spec, coloured)
