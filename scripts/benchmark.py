@@ -31,10 +31,10 @@ Per model x denoising setting:
 
 ``--compare "FLAGS"`` measures every setting a second time with these ``main.py`` flags added (one quoted
 string: ``--compare=--compile``, ``--compare "--checkpoint_encoder --checkpoint_decoder"``; a single flag
-needs the ``=``, or argparse reads it as an option of its own): both versions
-are built side by side and their steps take turns like the denoising settings', and the report adds the
-ratios compared / plain of the train step, the inference throughput and the peak memory. Back-to-back runs
-of the script on a shared CPU differ by 10% and more; taken in turns, the ratio is far steadier.
+needs the ``=``, or argparse reads it as an option of its own): both versions are built side by side, their
+steps take turns like the denoising settings', and the report adds the ratios compared / plain of the train
+step, the inference throughput and the peak memory. Back-to-back runs of the script on a shared CPU differ
+by 10% and more; taken in turns, the ratio is far steadier.
 
 The device is synchronised after every timed call. ``--compile`` wraps the model in ``torch.compile`` and
 falls back to eager mode with a message if compiling fails. ``--profile`` runs ``torch.profiler`` over a few
@@ -283,7 +283,8 @@ def prepare_setting(args: argparse.Namespace, use_dn: bool, device: torch.device
     held_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     setup = Setup(args, use_dn, device)
     result = {
-        "model": args.modelname, "compared_flags": args.compare, "use_dn": use_dn, "dn_queries": dn_query_count(args, args.num_objects) if use_dn else 0,
+        "model": args.modelname, "compared_flags": args.compare, "use_dn": use_dn,
+        "dn_queries": dn_query_count(args, args.num_objects) if use_dn else 0,
         "params_total": sum(p.numel() for p in setup.model.parameters()),
         "params_trainable": sum(p.numel() for p in setup.model.parameters() if p.requires_grad),
         "gflops_per_image": inference_gflops_per_image(setup.model, samples),
