@@ -414,8 +414,8 @@ def print_report(settings: Dict, env: Dict, results: List[Dict]) -> None:
         approx = "" if row["peak_memory_exact"] else " (lower bound)"
         compiled = {(True, True): " (compiled)", (True, False): " (compiled: training only)",
                     (False, False): ""}[row["compiled_train"], row["compiled_inference"]]
-        print(f"| {row['model']}{variant_label(row)}{compiled} | {dn} | {row['train_step_ms']:.1f} | {row['images_per_s']:.2f} | "
-              f"{row['peak_memory_mib']:.0f}{approx} | {row['params_total'] / 1e6:.2f} / "
+        print(f"| {row['model']}{variant_label(row)}{compiled} | {dn} | {row['train_step_ms']:.1f} | "
+              f"{row['images_per_s']:.2f} | {row['peak_memory_mib']:.0f}{approx} | {row['params_total'] / 1e6:.2f} / "
               f"{row['params_trainable'] / 1e6:.2f} | {row['gflops_per_image']:.1f} | {overhead} |")
     if None in overheads:
         print(f"\nDN overhead (median train step with DN / without): {overheads[None]:.3f}x")
