@@ -123,7 +123,8 @@ def percent(mean: float, std: float) -> str:
 def comparison_text(name: str, comparison: dict) -> str:
     verdict = {None: "one seed: no test", True: "exceeds the seed spread (Welch p < 0.05)",
                False: "within the seed spread (Welch p >= 0.05)"}[comparison["exceeds_seed_spread"]]
-    p_value = "" if comparison["p_value"] is None else f", p = {comparison['p_value']:.3f}"
+    p_value = comparison["p_value"]
+    p_value = "" if p_value is None else ", p < 0.001" if p_value < 0.001 else f", p = {p_value:.3f}"
     return f"{name}: {100 * comparison['difference']:+.1f} AP{p_value}; {verdict}."
 
 

@@ -222,3 +222,11 @@ def test_an_unfinished_run_is_resumed_only_with_the_settings_it_started_with(tmp
     (run_dir / "run.json").unlink()  # a folder that does not say how its run began is not guessed at either
     with pytest.raises(experiment.ExperimentError, match="not recorded"):
         experiment.ensure_run(spec, coloured)
+
+
+def test_comparison_text_never_prints_p_as_zero():
+    significant = {"difference": -0.2, "p_value": 4e-7, "exceeds_seed_spread": True}
+    assert convergence.comparison_text("half", significant) == (
+        "half: -20.0 AP, p < 0.001; exceeds the seed spread (Welch p < 0.05).")
+    close = {"difference": 0.03, "p_value": 0.141, "exceeds_seed_spread": False}
+    assert convergence.comparison_text("full", close) == "full: +3.0 AP, p = 0.141; within the seed spread (Welch p >= 0.05)."
