@@ -108,8 +108,8 @@ class Backbone(nn.Module):
         return [NestedTensor(x, resize_mask(tensor_list.mask, x.shape[-2:])) for x in features]
 
     def run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        trainable = any(param.requires_grad for param in stage.parameters())
-        if not (self.checkpoint_stages and trainable and torch.is_grad_enabled()):
+        if not (self.checkpoint_stages and torch.is_grad_enabled()
+                and any(param.requires_grad for param in stage.parameters())):
             return stage(x)
         return checkpoint(stage, x, use_reentrant=False)
 

@@ -124,8 +124,8 @@ def comparison_text(name: str, comparison: dict) -> str:
     verdict = {None: "one seed: no test", True: "exceeds the seed spread (Welch p < 0.05)",
                False: "within the seed spread (Welch p >= 0.05)"}[comparison["exceeds_seed_spread"]]
     p_value = comparison["p_value"]
-    p_value = "" if p_value is None else ", p < 0.001" if p_value < 0.001 else f", p = {p_value:.3f}"
-    return f"{name}: {100 * comparison['difference']:+.1f} AP{p_value}; {verdict}."
+    test = "" if p_value is None else ", p < 0.001" if p_value < 0.001 else f", p = {p_value:.3f}"
+    return f"{name}: {100 * comparison['difference']:+.1f} AP{test}; {verdict}."
 
 
 def markdown(summary: dict, curves: Dict[str, dict]) -> str:
